@@ -1,0 +1,167 @@
+"""The one clipping core that every transform in gradclip_jax runs.
+
+A transform differs from the others only in how it picks its threshold (a fixed value or
+schedule, or a percentile of the recorded norms) and in how it applies it (rescale the whole
+update, or clip each coordinate). Everything else happens here, once:
+
+1. measure the update in a single read: the sum of squares (for the L2 norm that diagnostics
+   record and the non-finite check) plus, when needed, the measure the threshold is compared
+   with;
+2. decide whether the step is finite;
+3. apply the threshold, or handle the non-finite update (``"zero"`` or ``"propagate"``);
+4. record diagnostics: the L2 norm into the histogram, step / clip / non-finite counters and
+   fast and slow moving averages of the clip rate.
+
+The state never takes a NaN or an Inf: non-finite norms are not recorded, and "no threshold"
+is stored as float32's largest finite value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gradclip_jax import _norms
+from gradclip_jax._sketch import NormSketch, sketch_add, sketch_init
+
+NO_THRESHOLD = float(jnp.finfo(jnp.float32).max)
+"""Stored as the threshold when none applies (no clipping); ``stats`` reports it as inf."""
+
+FAST_RATE = 1.0 / 20.0
+SLOW_RATE = 1.0 / 500.0
+
+NORM = "norm"
+VALUE = "value"
+
+
+class ClipState(NamedTuple):
+    """State of every gradclip_jax transform.
+
+    Attributes:
+      count: int32, update steps seen, finite or not.
+      threshold: float32, the threshold applied at the last step (``NO_THRESHOLD`` when none).
+      grad_norm: float32, global L2 norm of the last finite unclipped update.
+      clipped_steps: int32, steps on which the update was changed by the threshold.
+      nonfinite_steps: int32, steps whose update held a NaN or an Inf.
+      clip_rate_fast: float32, moving average of "this step was clipped" over ~20 steps.
+      clip_rate_slow: float32, the same over ~500 steps.
+      histogram: :class:`NormSketch` of the finite unclipped L2 norms.
+    """
+
+    count: jax.Array
+    threshold: jax.Array
+    grad_norm: jax.Array
+    clipped_steps: jax.Array
+    nonfinite_steps: jax.Array
+    clip_rate_fast: jax.Array
+    clip_rate_slow: jax.Array
+    histogram: NormSketch
+
+
+ThresholdFn = Callable[[ClipState], jax.Array]
+
+
+def init_state(relative_accuracy: float, *, weighted: bool) -> ClipState:
+    f32 = jnp.float32
+    return ClipState(
+        count=jnp.zeros((), jnp.int32),
+        threshold=jnp.full((), NO_THRESHOLD, f32),
+        grad_norm=jnp.zeros((), f32),
+        clipped_steps=jnp.zeros((), jnp.int32),
+        nonfinite_steps=jnp.zeros((), jnp.int32),
+        clip_rate_fast=jnp.zeros((), f32),
+        clip_rate_slow=jnp.zeros((), f32),
+        histogram=sketch_init(relative_accuracy, weighted=weighted),
+    )
+
+
+def _moving_average(avg: jax.Array, x: jax.Array, rate: float, count: jax.Array) -> jax.Array:
+    # The first 1/rate steps use 1/count, giving the exact running mean while the average
+    # warms up instead of a bias towards the initial zero.
+    step_rate = jnp.maximum(jnp.float32(rate), 1.0 / count.astype(jnp.float32))
+    return avg + step_rate * (x.astype(jnp.float32) - avg)
+
+
+def _scale_leaf(g: jax.Array, scale: jax.Array) -> jax.Array:
+    # Multiply in at least float32 and round once, so bfloat16/float16 updates are scaled as
+    # accurately as their dtype allows; a scale of exactly 1 returns g bit for bit.
+    wide = jnp.promote_types(g.dtype, jnp.float32)
+    return (g.astype(wide) * scale.astype(wide)).astype(g.dtype)
+
+
+def _clip_leaf(g: jax.Array, limit: jax.Array) -> jax.Array:
+    wide = jnp.promote_types(g.dtype, jnp.float32)
+    limit = limit.astype(wide)
+    return jnp.clip(g.astype(wide), -limit, limit).astype(g.dtype)
+
+
+def clip_transformation(
+    threshold_fn: ThresholdFn,
+    *,
+    mode: str,
+    ord: float = 2,
+    nonfinite: str = "zero",
+    axis_name: str | Sequence[str] | None = None,
+    relative_accuracy: float = 0.01,
+    decay: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+    """Builds a clip transform from a threshold rule.
+
+    Args:
+      threshold_fn: maps the state before this step to the float32 threshold for this step
+        (``NO_THRESHOLD`` for none). It sees the norms recorded before the current one.
+      mode: ``NORM`` rescales the whole update when its ``ord``-norm exceeds the threshold;
+        ``VALUE`` clips each coordinate to [-threshold, threshold].
+      ord: the norm compared with the threshold in ``NORM`` mode.
+      nonfinite: ``"zero"`` or ``"propagate"``.
+      axis_name: mesh axes the update is split over inside ``shard_map``.
+      relative_accuracy: accuracy of the norm histogram.
+      decay: per-recorded-norm forgetting factor of the histogram, or None.
+    """
+    if mode == NORM:
+        kinds = (_norms.SUMSQ,) if ord == 2 else (_norms.SUMSQ, _norms.norm_kind(ord))
+    else:
+        kinds = (_norms.SUMSQ, _norms.MAXABS)
+
+    def init_fn(params):
+        del params
+        return init_state(relative_accuracy, weighted=decay is not None)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        del params, extra_args
+        threshold = jnp.asarray(threshold_fn(state), jnp.float32)
+        measures = _norms.reduce_tree(updates, kinds, axis_name)
+        l2 = jnp.sqrt(measures[_norms.SUMSQ]).astype(jnp.float32)
+        finite = jnp.isfinite(l2)
+        measured = _norms.norm_from(measures, ord) if mode == NORM else measures[_norms.MAXABS]
+        clipped = finite & (measured > threshold)
+
+        if mode == NORM:
+            scale = jnp.where(clipped, threshold / measured, 1.0)
+            apply = lambda g: _scale_leaf(g, scale)  # noqa: E731
+        else:
+            apply = lambda g: _clip_leaf(g, threshold)  # noqa: E731
+        if nonfinite == "zero":
+            out = lambda g: jnp.where(finite, apply(g), jnp.zeros_like(g))  # noqa: E731
+        else:
+            out = lambda g: jnp.where(finite, apply(g), g)  # noqa: E731
+        new_updates = jax.tree.map(out, updates)
+
+        count = state.count + 1
+        new_state = ClipState(
+            count=count,
+            threshold=jnp.where(threshold < NO_THRESHOLD, threshold, NO_THRESHOLD),
+            grad_norm=jnp.where(finite, l2, state.grad_norm),
+            clipped_steps=state.clipped_steps + clipped.astype(jnp.int32),
+            nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
+            clip_rate_fast=_moving_average(state.clip_rate_fast, clipped, FAST_RATE, count),
+            clip_rate_slow=_moving_average(state.clip_rate_slow, clipped, SLOW_RATE, count),
+            histogram=sketch_add(state.histogram, l2, finite, decay),
+        )
+        return new_updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

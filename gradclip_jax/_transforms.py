@@ -1,0 +1,272 @@
+"""The public clip transforms: each is a threshold rule handed to the clipping core."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gradclip_jax import _core
+from gradclip_jax._sketch import sketch_quantile
+from gradclip_jax._validation import (
+    check_axis_name,
+    check_int,
+    check_nonfinite,
+    check_ord,
+    check_range,
+    check_threshold,
+    is_traced,
+)
+
+ScalarOrSchedule = float | jax.Array | optax.Schedule
+
+MEDIAN_MULTIPLE = 4.0
+"""The percentile clip's threshold is never above this multiple of the median recorded norm."""
+
+
+def _at_step(value: ScalarOrSchedule, count: jax.Array) -> jax.Array:
+    """A threshold given as a number, a scalar array or a schedule, at step ``count``."""
+    if callable(value) and not isinstance(value, jax.Array):
+        value = value(count)
+    return jnp.asarray(value, jnp.float32)
+
+
+def _static_accuracy(relative_accuracy: Any) -> float:
+    if is_traced(relative_accuracy):
+        raise TypeError(
+            "relative_accuracy sets the shape of the norm histogram and cannot be traced; "
+            "with optax.inject_hyperparams pass static_args=('relative_accuracy',)"
+        )
+    check_range("relative_accuracy", relative_accuracy, low=0.0, high=1.0)
+    return float(relative_accuracy)
+
+
+def clip_by_global_norm(
+    max_norm: ScalarOrSchedule = 1.0,
+    *,
+    ord: float = 2,
+    nonfinite: str = "zero",
+    axis_name: str | Sequence[str] | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Rescales the whole update so that its global norm is at most ``max_norm``.
+
+    .. math::
+        u \leftarrow u \cdot \min\left(1, \frac{c}{\|u\|}\right)
+
+    with ``c = max_norm`` and the norm taken over every element of every leaf (see
+    :func:`gradclip_jax.global_norm`). The direction is preserved exactly; below the threshold
+    the update is returned bit for bit. The norm is accumulated in float32 whatever the leaf
+    dtype and each leaf keeps its dtype. The gradients are read once, to take the norm; the
+    scale fuses into the optimizer's elementwise update under ``jit``.
+
+    The state (:class:`ClipState`) records the unclipped L2 norm, the threshold, step, clip and
+    non-finite counts and a histogram of norms; read it with :func:`gradclip_jax.stats`,
+    :func:`gradclip_jax.norm_percentile` and :func:`gradclip_jax.diagnose`.
+
+    Args:
+      max_norm: the threshold ``c`` > 0: a float, a scalar array, or an optax schedule (a
+        callable of the step count kept in the state).
+      ord: the norm compared with ``c``: 2 (default), 1 or ``math.inf``. The recorded
+        ``grad_norm`` is always the L2 norm.
+      nonfinite: what to do with an update that holds a NaN or an Inf. ``"zero"`` (default)
+        returns an all-zero update (the step is skipped, the optimizer still counts it);
+        ``"propagate"`` returns it untouched, for a later ``optax.apply_if_finite``. Either way
+        the state stays finite and the step counts in ``nonfinite_steps``.
+      axis_name: inside ``shard_map``, the mesh axis (or axes) the update is split over; see
+        :func:`gradclip_jax.global_norm`.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, gradclip_jax
+      >>> tx = optax.chain(gradclip_jax.clip_by_global_norm(1.0), optax.sgd(1.0))
+      >>> params = {"w": jnp.zeros(2)}
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update({"w": jnp.array([3.0, 4.0])}, state, params)
+      >>> updates["w"].tolist()  # norm 5 rescaled to 1, direction kept
+      [-0.6000000238418579, -0.800000011920929]
+      >>> float(gradclip_jax.stats(state)["grad_norm"])
+      5.0
+
+    References:
+      Pascanu, Mikolov and Bengio, "On the difficulty of training recurrent neural networks",
+      ICML 2013.
+    """
+    check_threshold("max_norm", max_norm)
+    check_ord(ord)
+    check_nonfinite(nonfinite)
+    check_axis_name(axis_name)
+    return _core.clip_transformation(
+        lambda state: _at_step(max_norm, state.count),
+        mode=_core.NORM,
+        ord=ord,
+        nonfinite=nonfinite,
+        axis_name=axis_name,
+    )
+
+
+def clip_by_value(
+    max_value: ScalarOrSchedule,
+    *,
+    nonfinite: str = "zero",
+    axis_name: str | Sequence[str] | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Clips every coordinate of the update to ``[-max_value, max_value]``.
+
+    .. math::
+        u_i \leftarrow \operatorname{clip}(u_i, -c, c)
+
+    This bounds each coordinate but, unlike :func:`clip_by_global_norm`, bends the direction of
+    the update when coordinates of different scale are clipped unevenly. A step counts as
+    clipped when any coordinate exceeded ``c``. Diagnostics are the same as for the norm clip
+    (the recorded norm is the unclipped global L2 norm) and come out of the same single read
+    of the gradients.
+
+    Args:
+      max_value: ``c`` > 0: a float, a scalar array or an optax schedule.
+      nonfinite: ``"zero"`` (default) or ``"propagate"``, as for :func:`clip_by_global_norm`.
+      axis_name: inside ``shard_map``, the mesh axis (or axes) the update is split over; only
+        the diagnostics (norm, "was anything clipped") need it.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Example:
+      >>> import jax.numpy as jnp, gradclip_jax
+      >>> tx = gradclip_jax.clip_by_value(1.0)
+      >>> updates, state = tx.update({"w": jnp.array([0.5, -3.0])}, tx.init(None))
+      >>> updates["w"].tolist()
+      [0.5, -1.0]
+      >>> int(gradclip_jax.stats(state)["clipped_steps"])
+      1
+    """
+    check_threshold("max_value", max_value)
+    check_nonfinite(nonfinite)
+    check_axis_name(axis_name)
+    return _core.clip_transformation(
+        lambda state: _at_step(max_value, state.count),
+        mode=_core.VALUE,
+        nonfinite=nonfinite,
+        axis_name=axis_name,
+    )
+
+
+def percentile_clip(
+    percentile: float | jax.Array = 90.0,
+    *,
+    warmup_steps: int = 10,
+    max_norm: ScalarOrSchedule | None = None,
+    decay: float | jax.Array | None = None,
+    freeze_after: int | None = None,
+    relative_accuracy: float = 0.01,
+    nonfinite: str = "zero",
+    axis_name: str | Sequence[str] | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Global-norm clip at a running percentile of the gradient norms seen so far.
+
+    The state keeps a fixed-size histogram of the unclipped global L2 norms (a DDSketch-style
+    log-bucket sketch: 1,845 buckets at 1% accuracy for norms in 1e-8..1e8, the same size at
+    step 0 and step 10^7). The threshold for step :math:`t` is computed from the norms recorded
+    at steps before :math:`t`:
+
+    .. math::
+        c_t = \min\bigl(Q_p(H_{t-1}),\; 4\,Q_{50}(H_{t-1}),\; \text{max\_norm}\bigr)
+
+    where :math:`Q_p` is the ``percentile``-th percentile of the (optionally decayed) histogram
+    :math:`H`. The update is then rescaled as in :func:`clip_by_global_norm`.
+
+    Why the median cap. Recording every unclipped norm and clipping at its running p90 alone
+    ratchets: while a run slides off a cliff its norms grow step after step, soon fill the top
+    10% of the history, and the p90 follows them up. The median cannot be moved that way until
+    the new norms outweigh the whole history. The rise of the threshold is therefore bounded:
+    if the history holds weight :math:`W` when norms start to grow, then after :math:`k < W`
+    steps (no decay), whatever the new norms are,
+
+    .. math::
+        c_{t_0+k} \le 4\,Q^{\text{old}}_{(1/2 + k/2W)},
+
+    four times a quantile of the *old* history; with ``decay`` the old weight shrinks by
+    ``decay`` per step, so the horizon is about ``1/(1-decay)`` steps. A regime that persists
+    longer than the history (a real change of scale, or norms that were tiny during the first
+    steps) takes over the median and is followed. With stationary norms whose p90 is below four
+    times their median (log-normal with sigma < 1.08) the median cap is inactive and about
+    ``100 - percentile`` percent of steps are clipped.
+
+    Args:
+      percentile: in (0, 100]; the percentile of recorded norms used as the threshold.
+      warmup_steps: >= 0. Until this many finite norms are recorded there is no adaptive
+        threshold (only ``max_norm`` if given; otherwise no clipping). The default, 10, starts
+        protecting a run after ten steps; the median cap keeps so short a history from
+        producing a runaway threshold.
+      max_norm: optional hard cap > 0 (float, scalar array or schedule): the threshold is
+        never above it, during warmup included.
+      decay: in (0, 1], or None (default: keep every norm). Each recorded norm first
+        multiplies the histogram's counts by ``decay``, so it reflects roughly the last
+        ``1/(1-decay)`` norms and the threshold follows a slowly drifting scale.
+      freeze_after: >= 1, or None. After this many recorded norms (and at least
+        ``warmup_steps``) the threshold stays fixed: "log a few hundred steps, then clip at
+        their 90th percentile", automated. The histogram keeps recording.
+      relative_accuracy: in (0, 1); accuracy of the histogram (and its size: halving it
+        doubles the buckets). Static: with ``optax.inject_hyperparams``, list it in
+        ``static_args``.
+      nonfinite: ``"zero"`` (default) or ``"propagate"``, as for :func:`clip_by_global_norm`.
+        Non-finite norms are never recorded.
+      axis_name: inside ``shard_map``, the mesh axis (or axes) the update is split over.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, gradclip_jax
+      >>> tx = gradclip_jax.percentile_clip(90.0, warmup_steps=5)
+      >>> state = tx.init(None)
+      >>> for norm in [1.0, 1.1, 0.9, 1.0, 1.2]:
+      ...     _, state = tx.update({"w": jnp.array([norm])}, state)
+      >>> updates, state = tx.update({"w": jnp.array([1000.0])}, state)  # a spike
+      >>> round(float(updates["w"][0]), 1)  # the p90 of the 5 norms seen, to 1%
+      1.1
+
+    References:
+      Masson, Rim and Lee, "DDSketch: a fast and fully-mergeable quantile sketch with
+      relative-error guarantees", VLDB 2019.
+    """
+    check_range("percentile", percentile, low=0.0, high=100.0, high_open=False)
+    check_int("warmup_steps", warmup_steps, low=0)
+    if max_norm is not None:
+        check_threshold("max_norm", max_norm)
+    if decay is not None:
+        check_range("decay", decay, low=0.0, high=1.0, high_open=False)
+    if freeze_after is not None:
+        check_int("freeze_after", freeze_after, low=1)
+    accuracy = _static_accuracy(relative_accuracy)
+    check_nonfinite(nonfinite)
+    check_axis_name(axis_name)
+
+    def threshold(state: _core.ClipState) -> jax.Array:
+        hist = state.histogram
+        q = jnp.asarray(percentile, jnp.float32) / 100.0
+        adaptive = jnp.minimum(
+            sketch_quantile(hist, q), MEDIAN_MULTIPLE * sketch_quantile(hist, 0.5)
+        )
+        ready = hist.recorded >= jnp.maximum(warmup_steps, 1)
+        value = jnp.where(ready, adaptive, _core.NO_THRESHOLD)
+        if freeze_after is not None:
+            frozen = hist.recorded > jnp.maximum(freeze_after, warmup_steps)
+            value = jnp.where(frozen, state.threshold, value)
+        if max_norm is not None:
+            value = jnp.minimum(value, _at_step(max_norm, state.count))
+        return value
+
+    return _core.clip_transformation(
+        threshold,
+        mode=_core.NORM,
+        nonfinite=nonfinite,
+        axis_name=axis_name,
+        relative_accuracy=accuracy,
+        decay=decay,
+    )
+

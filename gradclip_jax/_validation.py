@@ -1,0 +1,98 @@
+"""Construction-time argument checks shared by every public factory.
+
+Values that arrive traced (``optax.inject_hyperparams`` passes hyperparameters as arrays that
+are traced inside ``update``) cannot be inspected in Python; they are skipped here and used
+as given.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import jax
+import numpy as np
+
+NONFINITE_MODES = ("zero", "propagate")
+
+
+def is_traced(value: Any) -> bool:
+    return isinstance(value, jax.core.Tracer)
+
+
+def _as_float(name: str, value: Any) -> float | None:
+    """The Python float behind ``value``, or None when it is traced."""
+    if is_traced(value):
+        return None
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.ndarray, jax.Array)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    array = np.asarray(value)
+    if array.shape != () or not np.issubdtype(array.dtype, np.number):
+        raise TypeError(f"{name} must be a real scalar, got {value!r}")
+    return float(array)
+
+
+def check_range(
+    name: str,
+    value: Any,
+    *,
+    low: float = -math.inf,
+    high: float = math.inf,
+    low_open: bool = True,
+    high_open: bool = True,
+) -> None:
+    """Raises ValueError unless ``low < value < high`` (or <= for closed ends)."""
+    x = _as_float(name, value)
+    if x is None:
+        return
+    above = x > low if low_open else x >= low
+    below = x < high if high_open else x <= high
+    if not (above and below) or math.isnan(x):
+        left = "(" if low_open else "["
+        right = ")" if high_open else "]"
+        raise ValueError(f"{name} must be in {left}{low}, {high}{right}, got {value!r}")
+
+
+def check_positive(name: str, value: Any) -> None:
+    """A finite number > 0 (a threshold)."""
+    check_range(name, value, low=0.0)
+
+
+def check_int(name: str, value: Any, *, low: int) -> None:
+    x = _as_float(name, value)
+    if x is None:
+        return
+    if not float(x).is_integer():
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if x < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+
+
+def check_ord(ord: Any) -> None:
+    if isinstance(ord, bool) or not isinstance(ord, numbers.Real):
+        raise TypeError(f"ord must be 1, 2 or math.inf, got {type(ord).__name__} {ord!r}")
+    if ord not in (1, 2, math.inf):
+        raise ValueError(f"ord must be 1, 2 or math.inf, got {ord!r}")
+
+
+def check_nonfinite(nonfinite: Any) -> None:
+    if not isinstance(nonfinite, str):
+        raise TypeError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+    if nonfinite not in NONFINITE_MODES:
+        raise ValueError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")
+
+
+def check_axis_name(axis_name: Any) -> None:
+    if axis_name is None or isinstance(axis_name, str):
+        return
+    if isinstance(axis_name, (tuple, list)) and all(isinstance(a, str) for a in axis_name):
+        return
+    raise TypeError(f"axis_name must be None, a str or a tuple of str, got {axis_name!r}")
+
+
+def check_threshold(name: str, value: Any) -> None:
+    """A threshold: a positive number, a scalar array, or a schedule (callable of the step)."""
+    if callable(value) and not isinstance(value, (jax.Array, np.ndarray)):
+        return
+    check_positive(name, value)
