@@ -78,7 +78,9 @@ def sketch_quantile(sketch: NormSketch, q: jax.Array | float) -> jax.Array:
     """
     counts = sketch.counts.astype(jnp.float32)
     cumulative = jnp.cumsum(counts)
-    total = cumulative[-1]
+    # A reduction, not cumulative[-1]: XLA fuses cheap scalar work into every consumer, and a
+    # slice would hand each of them the whole cumulative array.
+    total = jnp.sum(counts)
     rank = jnp.asarray(q, jnp.float32) * jnp.maximum(total - 1.0, 0.0)
     index = jnp.minimum(jnp.sum(cumulative <= rank), counts.shape[0] - 1)
     value = sketch.mapping.value(index)

@@ -1,0 +1,35 @@
+"""Shared test helpers: feeding norm streams through a transform, tree comparisons."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def run_norm_stream(tx, norms, *, dim: int = 1):
+    """Feeds updates whose global L2 norm follows ``norms`` through ``tx`` under ``lax.scan``.
+
+    Returns (final state, output norms, thresholds applied, per-step clipped flags).
+    """
+    direction = jnp.ones((dim,), jnp.float32) / np.sqrt(dim)
+
+    def step(state, norm):
+        out, new_state = tx.update({"w": direction * norm}, state)
+        out_norm = jnp.sqrt(jnp.sum(out["w"] ** 2))
+        clipped = new_state.clipped_steps > state.clipped_steps
+        return new_state, (out_norm, new_state.threshold, clipped)
+
+    state, (outs, thresholds, clipped) = jax.jit(lambda s, n: jax.lax.scan(step, s, n))(
+        tx.init(None), jnp.asarray(norms, jnp.float32)
+    )
+    return state, np.asarray(outs), np.asarray(thresholds), np.asarray(clipped)
+
+
+def shapes_and_dtypes(tree):
+    return jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), tree)
+
+
+def all_finite(tree) -> bool:
+    return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree)
+               if jnp.issubdtype(jnp.result_type(x), jnp.inexact))

@@ -1,0 +1,142 @@
+"""Behaviour every transform shares through the clipping core: state shape stability,
+abstract init, jit and eager agreement, dtype keeping, non-finite handling."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import gradclip_jax as gc
+from tests.helpers import all_finite, shapes_and_dtypes
+
+TRANSFORMS = {
+    "norm": lambda **kw: gc.clip_by_global_norm(1.0, **kw),
+    "norm_ord1": lambda **kw: gc.clip_by_global_norm(1.0, ord=1, **kw),
+    "norm_ordinf": lambda **kw: gc.clip_by_global_norm(1.0, ord=math.inf, **kw),
+    "value": lambda **kw: gc.clip_by_value(0.1, **kw),
+    "percentile": lambda **kw: gc.percentile_clip(warmup_steps=2, **kw),
+    "percentile_decay": lambda **kw: gc.percentile_clip(warmup_steps=2, decay=0.9, **kw),
+}
+
+
+def make_grads(key, scale=1.0, dtype=jnp.float32):
+    k1, k2 = jax.random.split(key)
+    return {
+        "dense": {"w": (scale * jax.random.normal(k1, (8, 4))).astype(dtype)},
+        "bias": (scale * jax.random.normal(k2, (4,))).astype(dtype),
+    }
+
+
+@pytest.fixture(params=sorted(TRANSFORMS))
+def make_tx(request):
+    return TRANSFORMS[request.param]
+
+
+def test_returns_extra_args_transformation(make_tx):
+    assert isinstance(make_tx(), optax.GradientTransformationExtraArgs)
+
+
+def test_abstract_init_and_stable_state_structure(make_tx):
+    tx = make_tx()
+    params = make_grads(jax.random.key(0))
+    abstract = jax.eval_shape(tx.init, jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params))
+    state = tx.init(params)
+    assert shapes_and_dtypes(abstract) == shapes_and_dtypes(state)
+    assert jax.tree.structure(abstract) == jax.tree.structure(state)
+    update = jax.jit(tx.update)
+    for i, scale in enumerate([0.01, 100.0, float("nan"), 1.0]):
+        _, new_state = update(make_grads(jax.random.key(i), scale), state)
+        assert jax.tree.structure(new_state) == jax.tree.structure(state)
+        assert shapes_and_dtypes(new_state) == shapes_and_dtypes(state)
+        state = new_state
+
+
+def test_jit_and_eager_agree(make_tx):
+    tx = make_tx()
+    state_e = state_j = tx.init(None)
+    update = jax.jit(tx.update)
+    for i, scale in enumerate([0.5, 50.0, 1.0, 80.0]):
+        grads = make_grads(jax.random.key(i), scale)
+        out_e, state_e = tx.update(grads, state_e)
+        out_j, state_j = update(grads, state_j)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), out_e, out_j)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), state_e, state_j)
+
+
+def test_works_inside_scan(make_tx):
+    tx = make_tx()
+    grads = jax.vmap(lambda k: make_grads(k, 10.0))(jax.random.split(jax.random.key(1), 7))
+
+    def body(state, g):
+        out, state = tx.update(g, state)
+        return state, out
+
+    state, outs = jax.jit(lambda s, g: jax.lax.scan(body, s, g))(tx.init(None), grads)
+    assert int(state.count) == 7
+    assert all_finite(outs)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_keeps_leaf_dtypes(make_tx, dtype):
+    tx = make_tx()
+    grads = make_grads(jax.random.key(3), 5.0, dtype)
+    state = tx.init(grads)
+    for _ in range(3):
+        out, state = jax.jit(tx.update)(grads, state)
+    assert shapes_and_dtypes(out) == shapes_and_dtypes(grads)
+
+
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf, -jnp.inf])
+def test_nonfinite_zero_mode(make_tx, bad):
+    tx = make_tx()
+    state = tx.init(None)
+    update = jax.jit(tx.update)
+    good = make_grads(jax.random.key(0), 2.0)
+    for _ in range(3):
+        _, state = update(good, state)
+    before = state
+    grads = jax.tree.map(lambda x: x.at[0].set(bad) if x.ndim == 1 else x, good)
+    out, state = update(grads, state)
+    for leaf in jax.tree.leaves(out):
+        assert bool(jnp.all(leaf == 0))
+    assert all_finite(state)
+    assert int(state.count) == int(before.count) + 1
+    assert int(state.nonfinite_steps) == 1
+    assert int(state.histogram.recorded) == int(before.histogram.recorded)
+    np.testing.assert_array_equal(state.histogram.counts, before.histogram.counts)
+    assert float(state.grad_norm) == float(before.grad_norm)
+
+
+def test_nonfinite_propagate_mode_returns_update_untouched(make_tx):
+    tx = make_tx(nonfinite="propagate")
+    grads = make_grads(jax.random.key(0), 2.0)
+    grads["bias"] = grads["bias"].at[1].set(jnp.nan)
+    out, state = jax.jit(tx.update)(grads, tx.init(None))
+    np.testing.assert_array_equal(out["dense"]["w"], grads["dense"]["w"])
+    assert bool(jnp.isnan(out["bias"][1]))
+    assert all_finite(state)
+    assert int(state.nonfinite_steps) == 1
+
+    # optax.apply_if_finite downstream then skips the step.
+    chain = optax.apply_if_finite(optax.chain(tx, optax.sgd(0.1)), max_consecutive_errors=5)
+    updates, chain_state = chain.update(grads, chain.init(grads), grads)
+    assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
+    assert int(chain_state.notfinite_count) == 1
+
+
+def test_nan_stream_never_poisons_state(make_tx):
+    tx = make_tx()
+    state = tx.init(None)
+    update = jax.jit(tx.update)
+    rng = np.random.default_rng(0)
+    for i in range(30):
+        scale = [float("nan"), float("inf"), 1.0, 30.0][rng.integers(4)]
+        out, state = update(make_grads(jax.random.key(i), scale), state)
+        assert all_finite(out)
+        assert all_finite(state)
+    assert int(state.count) == 30
+    assert int(state.nonfinite_steps) + int(state.histogram.recorded) == 30

@@ -1,0 +1,100 @@
+"""global_norm: agreement with a float64 reference, low-precision safety, odd trees."""
+
+import math
+
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import gradclip_jax as gc
+
+ORDS = [1, 2, math.inf]
+
+leaf_arrays = hnp.arrays(
+    np.float32,
+    hnp.array_shapes(min_dims=0, max_dims=3, max_side=6),
+    elements=st.floats(-1e4, 1e4, width=32),
+)
+
+
+def reference_norm(leaves, ord):
+    flat = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in leaves] or [np.zeros(0)])
+    if flat.size == 0:
+        return 0.0
+    return float(np.linalg.norm(flat, ord))
+
+
+@pytest.mark.parametrize("ord", ORDS)
+@given(leaves=st.lists(leaf_arrays, min_size=0, max_size=4))
+def test_matches_float64_reference(leaves, ord):
+    tree = {f"p{i}": jnp.asarray(x) for i, x in enumerate(leaves)}
+    got = float(jax.jit(lambda t: gc.global_norm(t, ord=ord))(tree))
+    want = reference_norm(leaves, ord)
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+
+def test_float16_regression_does_not_overflow():
+    grads = {"w": jnp.full((1000,), 300.0, jnp.float16)}
+    # The failure this library exists to avoid: optax squares in float16, gets inf, and its
+    # clip then returns all zeros.
+    assert not np.isfinite(float(optax.tree.norm(grads)))
+    clipped, _ = optax.clip_by_global_norm(1.0).update(grads, optax.EmptyState())
+    assert float(jnp.max(jnp.abs(clipped["w"]))) == 0.0
+
+    norm = gc.global_norm(grads)
+    assert norm.dtype == jnp.float32
+    assert float(norm) == pytest.approx(300.0 * math.sqrt(1000), rel=1e-6)
+
+    tx = gc.clip_by_global_norm(1.0)
+    out, _ = tx.update(grads, tx.init(grads))
+    assert out["w"].dtype == jnp.float16
+    assert float(gc.global_norm(out)) == pytest.approx(1.0, rel=2e-3)
+    assert float(out["w"][0]) == pytest.approx(1.0 / math.sqrt(1000), rel=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+def test_low_precision_large_values(dtype):
+    value = 60000.0 if dtype == jnp.float16 else 1e15
+    grads = [jnp.full((4096,), value, dtype), jnp.full((3,), -value, dtype)]
+    expected = float(jnp.asarray(value, dtype)) * math.sqrt(4099)
+    assert float(gc.global_norm(grads)) == pytest.approx(expected, rel=1e-5)
+    assert float(gc.global_norm(grads, ord=1)) == pytest.approx(expected / math.sqrt(4099) * 4099,
+                                                                rel=1e-5)
+    assert float(gc.global_norm(grads, ord=math.inf)) == pytest.approx(expected / math.sqrt(4099))
+
+
+def test_float64_leaves_accumulate_in_float64():
+    with jax.enable_x64(True):
+        tree = {"a": jnp.full((10,), 1e100, jnp.float64)}
+        norm = gc.global_norm(tree)
+        assert norm.dtype == jnp.float64
+        assert float(norm) == pytest.approx(1e100 * math.sqrt(10))
+
+
+@pytest.mark.parametrize("ord", ORDS)
+def test_empty_none_and_masked_leaves(ord):
+    assert float(gc.global_norm({}, ord=ord)) == 0.0
+    assert float(gc.global_norm([], ord=ord)) == 0.0
+    tree = {"a": None, "b": optax.MaskedNode(), "c": jnp.array([3.0, -4.0])}
+    assert float(gc.global_norm(tree, ord=ord)) == pytest.approx(reference_norm([[3.0, -4.0]], ord))
+
+
+def test_nonfinite_leaves_give_nonfinite_norm():
+    assert np.isnan(float(gc.global_norm({"a": jnp.array([1.0, jnp.nan])})))
+    assert np.isinf(float(gc.global_norm({"a": jnp.array([1.0, jnp.inf])})))
+
+
+@pytest.mark.parametrize("bad", [0, 3, -1, 0.5])
+def test_bad_ord_is_a_value_error(bad):
+    with pytest.raises(ValueError, match="ord"):
+        gc.global_norm({"a": jnp.ones(2)}, ord=bad)
+
+
+def test_bad_ord_type_is_a_type_error():
+    with pytest.raises(TypeError, match="ord"):
+        gc.global_norm({"a": jnp.ones(2)}, ord="fro")
