@@ -88,15 +88,18 @@ def _moving_average(avg: jax.Array, x: jax.Array, rate: float, count: jax.Array)
 
 def _scale_leaf(g: jax.Array, scale: jax.Array) -> jax.Array:
     # Multiply in at least float32 and round once, so bfloat16/float16 updates are scaled as
-    # accurately as their dtype allows; a scale of exactly 1 returns g bit for bit.
+    # accurately as their dtype allows.
     wide = jnp.promote_types(g.dtype, jnp.float32)
     return (g.astype(wide) * scale.astype(wide)).astype(g.dtype)
 
 
 def _clip_leaf(g: jax.Array, limit: jax.Array) -> jax.Array:
+    # Coordinates within the limit are selected, not passed through clip, so they come back
+    # bit for bit (subnormals included).
     wide = jnp.promote_types(g.dtype, jnp.float32)
     limit = limit.astype(wide)
-    return jnp.clip(g.astype(wide), -limit, limit).astype(g.dtype)
+    bounded = jnp.clip(g.astype(wide), -limit, limit).astype(g.dtype)
+    return jnp.where(jnp.abs(g.astype(wide)) > limit, bounded, g)
 
 
 def clip_transformation(
@@ -145,10 +148,13 @@ def clip_transformation(
             apply = lambda g: _scale_leaf(g, scale)  # noqa: E731
         else:
             apply = lambda g: _clip_leaf(g, threshold)  # noqa: E731
+        # Selecting g itself when nothing is clipped returns it bit for bit; multiplying by 1
+        # would not (XLA flushes subnormals to zero on CPU).
+        kept = lambda g: jnp.where(clipped, apply(g), g)  # noqa: E731
         if nonfinite == "zero":
-            out = lambda g: jnp.where(finite, apply(g), jnp.zeros_like(g))  # noqa: E731
+            out = lambda g: jnp.where(finite, kept(g), jnp.zeros_like(g))  # noqa: E731
         else:
-            out = lambda g: jnp.where(finite, apply(g), g)  # noqa: E731
+            out = kept
         new_updates = jax.tree.map(out, updates)
 
         count = state.count + 1
