@@ -1,0 +1,156 @@
+"""percentile_clip on synthetic norm streams: the behaviours its contract requires."""
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import gradclip_jax as gc
+from tests.helpers import run_norm_stream
+
+
+def lognormal(rng, n, sigma=0.5, scale=1.0):
+    return scale * np.exp(rng.normal(0.0, sigma, n))
+
+
+@pytest.mark.parametrize("sigma", [0.3, 0.5, 1.0])
+def test_stationary_lognormal_p90_clips_about_ten_percent(sigma):
+    norms = lognormal(np.random.default_rng(1), 4000, sigma)
+    _, _, _, clipped = run_norm_stream(gc.percentile_clip(), norms)
+    assert 0.06 <= clipped.mean() <= 0.14
+
+
+def test_sustained_growth_cannot_ratchet_the_threshold():
+    rng = np.random.default_rng(2)
+    stable = lognormal(rng, 500, 0.3)
+    growing = lognormal(rng, 300, 0.3) * 1.05 ** np.arange(1, 301)
+    norms = np.concatenate([stable, growing])
+    _, outs, thresholds, _ = run_norm_stream(gc.percentile_clip(), norms)
+    before = thresholds[499]
+    assert thresholds[-1] <= 8.0 * before
+    assert np.all(outs <= thresholds.astype(np.float64) * (1 + 1e-5))
+    # The norms grew 2e6-fold; the run's updates did not follow them.
+    assert norms[-1] / norms[499] > 1e5
+    assert outs[-1] <= 8.0 * before * (1 + 1e-5)
+
+
+def test_slow_drift_is_followed_with_decay():
+    rng = np.random.default_rng(3)
+    n = 20_000
+    norms = lognormal(rng, n, 0.3) * 10 ** (np.arange(n) / n)
+    _, _, thresholds, _ = run_norm_stream(gc.percentile_clip(decay=0.999), norms)
+    recent_p90 = np.percentile(norms[-1000:], 90)
+    assert 0.5 * recent_p90 <= thresholds[-1] <= 2.0 * recent_p90
+
+
+def test_tiny_first_norms_do_not_lock_the_threshold_low():
+    rng = np.random.default_rng(4)
+    norms = np.concatenate([lognormal(rng, 100, 0.2, 1e-3), lognormal(rng, 2000, 0.3)])
+    _, _, thresholds, clipped = run_norm_stream(gc.percentile_clip(), norms)
+    assert clipped.mean() <= 0.20
+    assert clipped[-1000:].mean() <= 0.20
+    assert thresholds[-1] == pytest.approx(np.percentile(norms[-1000:], 90), rel=0.2)
+
+
+def test_isolated_spike_is_clipped_and_barely_moves_the_threshold():
+    rng = np.random.default_rng(5)
+    norms = lognormal(rng, 600, 0.3)
+    norms[500] = 1e6 * np.median(norms)
+    _, outs, thresholds, clipped = run_norm_stream(gc.percentile_clip(), norms)
+    assert clipped[500]
+    assert outs[500] == pytest.approx(thresholds[500], rel=1e-5)
+    assert outs[500] <= 1.5 * np.percentile(norms[:500], 90)
+    assert abs(thresholds[501] / thresholds[500] - 1) < 0.05
+
+
+def test_current_norm_does_not_raise_its_own_threshold():
+    _, _, thresholds, _ = run_norm_stream(gc.percentile_clip(warmup_steps=3), [1.0, 1.0, 1.0, 50.0])
+    assert thresholds[3] == pytest.approx(1.0, rel=0.011)
+
+
+def test_warmup_without_and_with_max_norm():
+    norms = np.full(20, 5.0)
+    _, outs, thresholds, clipped = run_norm_stream(gc.percentile_clip(warmup_steps=10), norms)
+    assert not clipped[:10].any()
+    np.testing.assert_allclose(outs[:10], 5.0, rtol=1e-6)
+    assert np.all(thresholds[:10] >= 3e38)  # stored "no threshold"
+    assert np.isinf(float(gc.stats(gc.percentile_clip().init(None))["threshold"]))
+
+    _, outs, _, clipped = run_norm_stream(gc.percentile_clip(warmup_steps=10, max_norm=2.0), norms)
+    assert clipped[:10].all()
+    np.testing.assert_allclose(outs, 2.0, rtol=1e-6)
+
+
+def test_warmup_zero_starts_after_the_first_norm():
+    _, _, thresholds, clipped = run_norm_stream(gc.percentile_clip(warmup_steps=0), [1.0, 3.0])
+    assert not clipped[0]
+    assert clipped[1] and thresholds[1] == pytest.approx(1.0, rel=0.011)
+
+
+def test_max_norm_caps_the_adaptive_threshold():
+    norms = lognormal(np.random.default_rng(6), 300, 0.3, 10.0)
+    _, outs, thresholds, _ = run_norm_stream(gc.percentile_clip(max_norm=3.0), norms)
+    assert thresholds.max() <= 3.0 + 1e-6
+    assert outs.max() <= 3.0 * (1 + 1e-6)
+    schedule = optax.linear_schedule(1.0, 2.0, 100)
+    _, _, thresholds, _ = run_norm_stream(gc.percentile_clip(max_norm=schedule), norms[:150])
+    assert thresholds[-1] == pytest.approx(2.0)
+
+
+def test_freeze_after_fixes_the_threshold():
+    rng = np.random.default_rng(7)
+    norms = np.concatenate([lognormal(rng, 200, 0.3), lognormal(rng, 300, 0.3, 10.0)])
+    state, _, thresholds, _ = run_norm_stream(gc.percentile_clip(freeze_after=200), norms)
+    frozen = thresholds[200]
+    assert frozen == pytest.approx(np.percentile(norms[:200], 90), rel=0.05)
+    np.testing.assert_array_equal(thresholds[200:], frozen)
+    # The histogram keeps recording after the freeze.
+    assert int(state.histogram.recorded) == 500
+    _, _, unfrozen, _ = run_norm_stream(gc.percentile_clip(), norms)
+    assert unfrozen[-1] > 3 * frozen
+
+
+def test_norm_percentile_reads_the_histogram():
+    norms = lognormal(np.random.default_rng(8), 1000, 0.7)
+    state, _, _, _ = run_norm_stream(gc.percentile_clip(), norms)
+    for p in (10, 50, 90, 99):
+        got = float(gc.norm_percentile(state, p))
+        lo = np.percentile(norms.astype(np.float32), p, method="lower")
+        hi = np.percentile(norms.astype(np.float32), p, method="higher")
+        assert lo * 0.99 * (1 - 1e-5) <= got <= hi * 1.01 * (1 + 1e-5)
+
+
+def test_traced_percentile_via_inject_hyperparams():
+    tx = optax.inject_hyperparams(gc.percentile_clip, static_args=("relative_accuracy",))(
+        percentile=50.0, warmup_steps=5
+    )
+    state = tx.init(None)
+    for n in [1.0, 2.0, 3.0, 4.0, 5.0]:
+        _, state = tx.update({"w": jnp.array([n])}, state)
+    out, state = tx.update({"w": jnp.array([100.0])}, state)
+    assert float(out["w"][0]) == pytest.approx(3.0, rel=0.011)
+    state.hyperparams["percentile"] = jnp.asarray(90.0)
+    out, state = tx.update({"w": jnp.array([100.0])}, state)
+    assert float(out["w"][0]) == pytest.approx(5.0, rel=0.011)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(percentile=0.0), "percentile must be in"),
+    (dict(percentile=100.5), "percentile must be in"),
+    (dict(percentile=float("nan")), "percentile must be in"),
+    (dict(relative_accuracy=0.0), "relative_accuracy must be in"),
+    (dict(relative_accuracy=1.0), "relative_accuracy must be in"),
+    (dict(decay=0.0), "decay must be in"),
+    (dict(decay=1.5), "decay must be in"),
+    (dict(warmup_steps=-1), "warmup_steps must be an integer >= 0"),
+    (dict(freeze_after=0), "freeze_after must be an integer >= 1"),
+    (dict(max_norm=0.0), "max_norm must be in"),
+    (dict(max_norm=-3.0), "max_norm must be in"),
+])
+def test_bad_arguments_fail_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match + ".*got"):
+        gc.percentile_clip(**kwargs)
+
+
+def test_percentile_100_and_decay_1_are_valid():
+    gc.percentile_clip(100.0, decay=1.0)

@@ -1,0 +1,117 @@
+"""The log mapping and the norm sketch: accuracy against NumPy, fixed size, long runs."""
+
+import dataclasses
+import math
+
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import gradclip_jax as gc
+from gradclip_jax._sketch import sketch_add, sketch_init, sketch_quantile
+
+
+@given(x=st.floats(1e-8, 1e8), a=st.sampled_from([0.001, 0.01, 0.05]))
+def test_mapping_relative_accuracy(x, a):
+    mapping = gc.LogMapping(a)
+    value = float(mapping.value(mapping.index(x)))
+    assert abs(value - x) <= (a + 1e-5) * x
+
+
+def test_mapping_out_of_range_buckets():
+    mapping = gc.LogMapping(0.01)
+    assert int(mapping.index(0.0)) == 0
+    assert int(mapping.index(1e-12)) == 0
+    assert int(mapping.index(1e12)) == mapping.num_buckets - 1
+    assert float(mapping.value(0)) == pytest.approx(1e-8)
+    assert float(mapping.value(mapping.num_buckets - 1)) == pytest.approx(1e8)
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0, -0.1, 2.0])
+def test_mapping_rejects_bad_accuracy(bad):
+    with pytest.raises(ValueError, match="relative_accuracy must be in"):
+        gc.LogMapping(bad)
+
+
+def add_all(sketch, values, decay=None):
+    def body(s, v):
+        return sketch_add(s, v, jnp.isfinite(v), decay), None
+
+    return jax.jit(lambda s, v: jax.lax.scan(body, s, v)[0])(sketch, jnp.asarray(values, jnp.float32))
+
+
+@given(
+    values=hnp.arrays(np.float64, st.integers(1, 300),
+                      elements=st.floats(1e-6, 1e6, allow_nan=False)),
+    q=st.floats(0.0, 1.0),
+)
+def test_quantile_within_accuracy_of_numpy(values, q):
+    a = 0.01
+    values32 = values.astype(np.float32)
+    sketch = add_all(sketch_init(a, weighted=False), values32)
+    got = float(sketch_quantile(sketch, q))
+    lower = float(np.quantile(values32, q, method="lower"))
+    higher = float(np.quantile(values32, q, method="higher"))
+    assert lower * (1 - a) * (1 - 1e-5) <= got <= higher * (1 + a) * (1 + 1e-5)
+
+
+def test_empty_sketch_quantile_is_nan():
+    assert math.isnan(float(sketch_quantile(sketch_init(0.01, weighted=False), 0.5)))
+
+
+def test_state_size_is_fixed_and_small():
+    tx = gc.percentile_clip()
+    state = tx.init(None)
+    nbytes = sum(x.nbytes for x in jax.tree.leaves(state))
+    assert nbytes <= 64 * 1024
+    # Shapes are fixed by construction: a state as ten million steps leave it (counts forced to
+    # such a run's totals) is the same size, and one more update keeps it so.
+    counts = jnp.zeros_like(state.histogram.counts).at[900:960].set(10**7 // 60)
+    late = state._replace(
+        count=jnp.asarray(10**7, jnp.int32),
+        histogram=dataclasses.replace(state.histogram, counts=counts,
+                                      recorded=jnp.asarray(10**7, jnp.int32)),
+    )
+    _, after = jax.jit(tx.update)({"w": jnp.ones(3)}, late)
+    assert sum(x.nbytes for x in jax.tree.leaves(after)) == nbytes
+    assert int(after.histogram.recorded) == 10**7 + 1
+
+
+@pytest.mark.parametrize("weighted,decay", [(False, None), (True, 1.0), (True, 1.0 - 1e-9)])
+def test_counts_keep_increasing_in_long_runs(weighted, decay):
+    sketch = sketch_init(0.01, weighted=weighted)
+    big_bucket, small_bucket = 1000, 1200
+    limit = 2**30 if not weighted else 2**24
+    counts = sketch.counts.at[big_bucket].set(limit - 4).at[small_bucket].set(limit // 4)
+    sketch = dataclasses.replace(sketch, counts=counts)
+    value = sketch.mapping.value(small_bucket)
+    before = float(sketch_quantile(sketch, 0.9))
+    for _ in range(8):
+        new = sketch_add(sketch, value, jnp.bool_(True), decay)
+        # Each addition registers: the small bucket grows relative to the big one.
+        ratio_before = float(sketch.counts[small_bucket]) / float(sketch.counts[big_bucket])
+        ratio_after = float(new.counts[small_bucket]) / float(new.counts[big_bucket])
+        assert ratio_after > ratio_before
+        sketch = new
+    assert int(sketch.recorded) == 8
+    assert float(jnp.sum(sketch.counts.astype(jnp.float32))) < limit
+    assert float(sketch_quantile(sketch, 0.9)) == pytest.approx(before, rel=0.03)
+
+
+def test_decay_forgets_old_values():
+    old = np.full(1000, 1.0)
+    new = np.full(200, 100.0)
+    kept = add_all(sketch_init(0.01, weighted=False), np.concatenate([old, new]))
+    forgot = add_all(sketch_init(0.01, weighted=True), np.concatenate([old, new]), decay=0.99)
+    assert float(sketch_quantile(kept, 0.5)) == pytest.approx(1.0, rel=0.0101)
+    assert float(sketch_quantile(forgot, 0.5)) == pytest.approx(100.0, rel=0.0101)
+
+
+def test_nonfinite_values_are_not_recorded():
+    sketch = add_all(sketch_init(0.01, weighted=False), [1.0, np.nan, np.inf, 2.0])
+    assert int(sketch.recorded) == 2
+    assert int(jnp.sum(sketch.counts)) == 2
