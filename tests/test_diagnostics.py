@@ -1,0 +1,144 @@
+"""stats, norm_percentile and diagnose: finding clip states anywhere, and the advice rules."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import gradclip_jax as gc
+from tests.helpers import run_norm_stream
+
+KEYS = {"grad_norm", "threshold", "steps", "clipped_steps", "nonfinite_steps", "clip_fraction",
+        "clip_rate_recent", "clip_rate_long"}
+PARAMS = {"w": jnp.ones((3,)), "b": jnp.zeros((2,))}
+
+
+def grads(scale):
+    return jax.tree.map(lambda x: jnp.full_like(x, scale), PARAMS)
+
+
+def run(tx, scales):
+    state = tx.init(PARAMS)
+    update = jax.jit(tx.update)
+    for s in scales:
+        _, state = update(grads(s), state, PARAMS)
+    return state
+
+
+WRAPPERS = {
+    "chain": lambda clip: optax.chain(clip, optax.adam(1e-3)),
+    "named_chain": lambda clip: optax.named_chain(("clip", clip), ("adam", optax.adam(1e-3))),
+    "inject": lambda clip: optax.inject_hyperparams(
+        lambda learning_rate: optax.chain(clip, optax.sgd(learning_rate)))(learning_rate=0.1),
+    "multisteps": lambda clip: optax.MultiSteps(optax.chain(clip, optax.sgd(0.1)), 2),
+    "masked": lambda clip: optax.chain(optax.masked(clip, {"w": True, "b": False}),
+                                       optax.sgd(0.1)),
+}
+
+
+@pytest.mark.parametrize("wrapper", sorted(WRAPPERS))
+def test_stats_finds_the_clip_state(wrapper):
+    tx = WRAPPERS[wrapper](gc.clip_by_global_norm(1.0))
+    state = run(tx, [10.0, 0.1, 10.0, 0.1])
+    s = gc.stats(state)
+    assert set(s) == KEYS
+    assert all(isinstance(v, jax.Array) for v in s.values())
+    inner_steps = 2 if wrapper == "multisteps" else 4
+    assert int(s["steps"]) == inner_steps
+    assert float(s["threshold"]) == 1.0
+    assert float(s["grad_norm"]) > 0
+
+
+def test_stats_prefixes_several_clips_and_works_in_jit():
+    tx = optax.named_chain(("value", gc.clip_by_value(1.0)),
+                           ("norm", gc.clip_by_global_norm(2.0)),
+                           ("opt", optax.sgd(0.1)))
+    state = run(tx, [5.0])
+    s = jax.jit(gc.stats)(state)
+    assert set(s) == {f"{p}/{k}" for p in ("value", "norm") for k in KEYS}
+    # The value clip sees the raw gradient, the norm clip the value-clipped one.
+    assert float(s["value/grad_norm"]) == pytest.approx(5.0 * np.sqrt(5))
+    assert float(s["norm/grad_norm"]) == pytest.approx(np.sqrt(5))
+    assert sorted(gc.find_clip_states(state)) == ["norm", "value"]
+    with pytest.raises(ValueError, match="2 clip states"):
+        gc.norm_percentile(state, 90)
+    assert float(gc.norm_percentile(state, 50, which="norm")) == pytest.approx(np.sqrt(5), rel=0.011)
+
+
+def test_stats_without_clip_state_is_empty_and_readers_complain():
+    state = optax.adam(1e-3).init(PARAMS)
+    assert gc.stats(state) == {}
+    with pytest.raises(ValueError, match="no gradclip_jax clip state"):
+        gc.diagnose(state)
+
+
+def test_norm_percentile_works_for_every_transform():
+    norms = np.exp(np.random.default_rng(0).normal(0, 0.5, 500))
+    for tx in (gc.clip_by_global_norm(1.0), gc.clip_by_value(0.5), gc.percentile_clip()):
+        state, _, _, _ = run_norm_stream(tx, norms)
+        got = float(gc.norm_percentile((state, optax.EmptyState()), 90))
+        assert got == pytest.approx(np.percentile(norms, 90), rel=0.03)
+    with pytest.raises(ValueError, match="percentile must be in"):
+        gc.norm_percentile(state, 101)
+
+
+def diagnose_stream(norms, max_norm=1.0):
+    state, _, _, _ = run_norm_stream(gc.clip_by_global_norm(max_norm), norms)
+    return gc.diagnose(state)
+
+
+def levels(findings):
+    return [f.level for f in findings]
+
+
+def test_healthy_rarely_clipped_run_has_no_warning():
+    rng = np.random.default_rng(1)
+    norms = np.exp(rng.normal(-1.0, 0.3, 2000))
+    norms[[300, 1200]] = 5.0
+    findings = diagnose_stream(norms)
+    assert levels(findings) == ["info"]
+    assert "rare safety net" in findings[0].message
+
+
+def test_clipped_most_of_the_time_warns_learning_rate_cap():
+    norms = np.exp(np.random.default_rng(2).normal(1.0, 0.3, 1000))
+    findings = diagnose_stream(norms)
+    assert levels(findings) == ["warning"]
+    message = findings[0].message
+    assert "learning-rate cap" in message
+    p90 = np.percentile(norms, 90)
+    suggested = float(message.split("unclipped norms is ")[1].rstrip("."))
+    assert suggested == pytest.approx(p90, rel=0.03)
+
+
+def test_early_clipping_that_stops_is_healthy():
+    rng = np.random.default_rng(3)
+    early = np.exp(rng.normal(0.3, 0.5, 300))
+    later = np.exp(rng.normal(-1.5, 0.3, 2000))
+    findings = diagnose_stream(np.concatenate([early, later]))
+    assert levels(findings) == ["info"]
+    assert "healthy" in findings[0].message
+
+
+def test_stable_run_that_starts_clipping_warns_something_changed():
+    rng = np.random.default_rng(4)
+    stable = np.exp(rng.normal(-1.5, 0.3, 2000))
+    burst = np.exp(rng.normal(1.0, 0.3, 60))
+    findings = diagnose_stream(np.concatenate([stable, burst]))
+    assert levels(findings) == ["warning"]
+    assert "something changed" in findings[0].message
+
+
+def test_nonfinite_steps_warn_with_the_count():
+    norms = np.full(300, 0.1)
+    norms[[10, 20, 30]] = np.nan
+    findings = diagnose_stream(norms)
+    warnings = [f for f in findings if f.level == "warning"]
+    assert len(warnings) == 1 and "3 of 300 steps" in warnings[0].message
+
+
+def test_early_phase_is_not_yet_a_warning():
+    findings = diagnose_stream(np.full(30, 5.0))
+    assert levels(findings) == ["info"]
+    assert "Early training" in findings[0].message
