@@ -59,6 +59,14 @@ def find_clip_states(opt_state: Any) -> dict[str, ClipState]:
     Paths join the keys that lead to each state with "/" (``"0"`` for the first element of a
     chain, ``"clip"`` for a ``named_chain`` entry, ``"inner_state/0"`` inside
     ``inject_hyperparams``).
+
+    Example:
+      >>> import optax, gradclip_jax
+      >>> tx = optax.named_chain(("clip", gradclip_jax.clip_by_value(1.0)),
+      ...                        ("guard", gradclip_jax.clip_by_global_norm(5.0)),
+      ...                        ("sgd", optax.sgd(0.1)))
+      >>> sorted(gradclip_jax.find_clip_states(tx.init(None)))
+      ['clip', 'guard']
     """
     found = jax.tree_util.tree_flatten_with_path(
         opt_state, is_leaf=lambda x: isinstance(x, ClipState)

@@ -41,7 +41,8 @@ def add_all(sketch, values, decay=None):
     def body(s, v):
         return sketch_add(s, v, jnp.isfinite(v), decay), None
 
-    return jax.jit(lambda s, v: jax.lax.scan(body, s, v)[0])(sketch, jnp.asarray(values, jnp.float32))
+    values = jnp.asarray(values, jnp.float32)
+    return jax.jit(lambda s, v: jax.lax.scan(body, s, v)[0])(sketch, values)
 
 
 @given(
