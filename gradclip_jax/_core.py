@@ -27,6 +27,7 @@ import optax
 
 from gradclip_jax import _norms
 from gradclip_jax._sketch import NormSketch, sketch_add, sketch_init
+from gradclip_jax._validation import is_traced
 
 NO_THRESHOLD = float(jnp.finfo(jnp.float32).max)
 """Stored as the threshold when none applies (no clipping); ``stats`` reports it as inf."""
@@ -122,17 +123,22 @@ def clip_transformation(
       ord: the norm compared with the threshold in ``NORM`` mode.
       nonfinite: ``"zero"`` or ``"propagate"``.
       axis_name: mesh axes the update is split over inside ``shard_map``.
-      relative_accuracy: accuracy of the norm histogram.
+      relative_accuracy: accuracy of the norm histogram, read by ``init`` only: it fixes the
+        histogram's shape, and ``update`` takes the mapping from the state. (Under
+        ``optax.inject_hyperparams`` a later change of the injected value has no effect.)
       decay: per-recorded-norm forgetting factor of the histogram, or None.
     """
-    if mode == NORM:
-        kinds = (_norms.SUMSQ,) if ord == 2 else (_norms.SUMSQ, _norms.norm_kind(ord))
-    else:
-        kinds = (_norms.SUMSQ, _norms.MAXABS)
+    measure = _norms.norm_kinds(ord) if mode == NORM else (_norms.MAXABS,)
+    kinds = (_norms.SUMSQ,) + tuple(k for k in measure if k != _norms.SUMSQ)
 
     def init_fn(params):
         del params
-        return init_state(relative_accuracy, weighted=decay is not None)
+        if is_traced(relative_accuracy):
+            raise TypeError(
+                "relative_accuracy sets the shape of the norm histogram, so init needs a "
+                "concrete value; call init outside jit or pass it in static_args"
+            )
+        return init_state(float(relative_accuracy), weighted=decay is not None)
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args

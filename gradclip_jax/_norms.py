@@ -115,14 +115,20 @@ def reduce_tree(
     return totals
 
 
-def norm_kind(ord: float) -> str:
-    return {2: SUMSQ, 1: ABSSUM}.get(ord, MAXABS)
+def norm_kinds(ord: Any) -> tuple[str, ...]:
+    """The measures needed for the ``ord``-norm; all three when ``ord`` is only known traced."""
+    if isinstance(ord, jax.core.Tracer):
+        return (SUMSQ, ABSSUM, MAXABS)
+    return ({2: SUMSQ, 1: ABSSUM}.get(ord, MAXABS),)
 
 
-def norm_from(measures: dict[str, jax.Array], ord: float) -> jax.Array:
+def norm_from(measures: dict[str, jax.Array], ord: Any) -> jax.Array:
+    if isinstance(ord, jax.core.Tracer):
+        l2, l1, linf = jnp.sqrt(measures[SUMSQ]), measures[ABSSUM], measures[MAXABS]
+        return jnp.where(ord == 1, l1, jnp.where(ord == 2, l2, linf))
     if ord == 2:
         return jnp.sqrt(measures[SUMSQ])
-    return measures[norm_kind(ord)]
+    return measures[norm_kinds(ord)[0]]
 
 
 def global_norm(
@@ -158,6 +164,6 @@ def global_norm(
       >>> float(gradclip_jax.global_norm(g))  # a float16 sum of squares would be inf
       9486.8330078125
     """
-    check_ord(ord)
+    ord = check_ord(ord)
     check_axis_name(axis_name)
-    return norm_from(reduce_tree(tree, (norm_kind(ord),), axis_name), ord)
+    return norm_from(reduce_tree(tree, norm_kinds(ord), axis_name), ord)

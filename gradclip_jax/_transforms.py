@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +17,6 @@ from gradclip_jax._validation import (
     check_ord,
     check_range,
     check_threshold,
-    is_traced,
 )
 
 ScalarOrSchedule = float | jax.Array | optax.Schedule
@@ -32,16 +30,6 @@ def _at_step(value: ScalarOrSchedule, count: jax.Array) -> jax.Array:
     if callable(value) and not isinstance(value, jax.Array):
         value = value(count)
     return jnp.asarray(value, jnp.float32)
-
-
-def _static_accuracy(relative_accuracy: Any) -> float:
-    if is_traced(relative_accuracy):
-        raise TypeError(
-            "relative_accuracy sets the shape of the norm histogram and cannot be traced; "
-            "with optax.inject_hyperparams pass static_args=('relative_accuracy',)"
-        )
-    check_range("relative_accuracy", relative_accuracy, low=0.0, high=1.0)
-    return float(relative_accuracy)
 
 
 def clip_by_global_norm(
@@ -70,7 +58,9 @@ def clip_by_global_norm(
       max_norm: the threshold ``c`` > 0: a float, a scalar array, or an optax schedule (a
         callable of the step count kept in the state).
       ord: the norm compared with ``c``: 2 (default), 1 or ``math.inf``. The recorded
-        ``grad_norm`` is always the L2 norm.
+        ``grad_norm`` is always the L2 norm. If ``ord`` arrives traced (``inject_hyperparams``
+        injects every numeric argument), all three norms come out of one reduction and the
+        one asked for is selected at run time.
       nonfinite: what to do with an update that holds a NaN or an Inf. ``"zero"`` (default)
         returns an all-zero update (the step is skipped, the optimizer still counts it);
         ``"propagate"`` returns it untouched, for a later ``optax.apply_if_finite``. Either way
@@ -97,7 +87,7 @@ def clip_by_global_norm(
       ICML 2013.
     """
     check_threshold("max_norm", max_norm)
-    check_ord(ord)
+    ord = check_ord(ord)
     check_nonfinite(nonfinite)
     check_axis_name(axis_name)
     return _core.clip_transformation(
@@ -211,8 +201,8 @@ def percentile_clip(
         ``warmup_steps``) the threshold stays fixed: "log a few hundred steps, then clip at
         their 90th percentile", automated. The histogram keeps recording.
       relative_accuracy: in (0, 1); accuracy of the histogram (and its size: halving it
-        doubles the buckets). Static: with ``optax.inject_hyperparams``, list it in
-        ``static_args``.
+        doubles the buckets). It fixes the state's shape at ``init``; under
+        ``optax.inject_hyperparams`` it may be injected, but changing it later has no effect.
       nonfinite: ``"zero"`` (default) or ``"propagate"``, as for :func:`clip_by_global_norm`.
         Non-finite norms are never recorded.
       axis_name: inside ``shard_map``, the mesh axis (or axes) the update is split over.
@@ -242,7 +232,7 @@ def percentile_clip(
         check_range("decay", decay, low=0.0, high=1.0, high_open=False)
     if freeze_after is not None:
         check_int("freeze_after", freeze_after, low=1)
-    accuracy = _static_accuracy(relative_accuracy)
+    check_range("relative_accuracy", relative_accuracy, low=0.0, high=1.0)
     check_nonfinite(nonfinite)
     check_axis_name(axis_name)
 
@@ -266,7 +256,7 @@ def percentile_clip(
         mode=_core.NORM,
         nonfinite=nonfinite,
         axis_name=axis_name,
-        relative_accuracy=accuracy,
+        relative_accuracy=relative_accuracy,
         decay=decay,
     )
 

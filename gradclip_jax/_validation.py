@@ -12,6 +12,7 @@ import numbers
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 NONFINITE_MODES = ("zero", "propagate")
@@ -28,7 +29,7 @@ def _as_float(name: str, value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.ndarray, jax.Array)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     array = np.asarray(value)
-    if array.shape != () or not np.issubdtype(array.dtype, np.number):
+    if array.shape != () or not jnp.issubdtype(array.dtype, jnp.number):
         raise TypeError(f"{name} must be a real scalar, got {value!r}")
     return float(array)
 
@@ -69,11 +70,14 @@ def check_int(name: str, value: Any, *, low: int) -> None:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
-def check_ord(ord: Any) -> None:
-    if isinstance(ord, bool) or not isinstance(ord, numbers.Real):
-        raise TypeError(f"ord must be 1, 2 or math.inf, got {type(ord).__name__} {ord!r}")
-    if ord not in (1, 2, math.inf):
+def check_ord(ord: Any) -> Any:
+    """Validates ``ord`` and returns it as a Python number (a traced value is returned as is)."""
+    x = _as_float("ord", ord)
+    if x is None:
+        return ord
+    if x not in (1.0, 2.0, math.inf):
         raise ValueError(f"ord must be 1, 2 or math.inf, got {ord!r}")
+    return math.inf if x == math.inf else int(x)
 
 
 def check_nonfinite(nonfinite: Any) -> None:
