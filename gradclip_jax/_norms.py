@@ -54,8 +54,10 @@ def _combine(kind: str, a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _reduce_leaf(x: jax.Array, kinds: Sequence[str]) -> tuple[jax.Array, ...]:
+    # No ravel: reshaping an explicitly sharded array needs an output sharding; reducing over
+    # every axis does not.
     acc = _accum_dtype(x.dtype)
-    x = jnp.ravel(x).astype(acc)
+    x = x.astype(acc)
     zero = jnp.zeros((), acc)
     if len(kinds) == 1:
         values = _elementwise(kinds[0], x)
@@ -65,7 +67,7 @@ def _reduce_leaf(x: jax.Array, kinds: Sequence[str]) -> tuple[jax.Array, ...]:
     def combine(a, b):
         return tuple(_combine(k, u, v) for k, u, v in zip(kinds, a, b, strict=True))
 
-    return tuple(lax.reduce(operands, (zero,) * len(kinds), combine, (0,)))
+    return tuple(lax.reduce(operands, (zero,) * len(kinds), combine, tuple(range(x.ndim))))
 
 
 def varying_axes(x: Any) -> frozenset:
