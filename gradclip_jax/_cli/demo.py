@@ -1,0 +1,132 @@
+"""``gradclip-jax demo``: the exploding-gradient experiment, with a table and plots."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+
+from gradclip_jax._cli.bench import write_json_atomically
+from gradclip_jax.examples import rnn
+
+QUICK = dict(steps=600, seeds=6)
+
+
+def config(*, quick: bool, seeds: int | None, steps: int | None) -> rnn.Config:
+    cfg = rnn.Config(**(QUICK if quick else {}))
+    overrides = {k: v for k, v in dict(seeds=seeds, steps=steps).items() if v is not None}
+    return dataclasses.replace(cfg, **overrides)
+
+
+def summarize(cfg: rnn.Config, results: dict[str, rnn.Result]) -> list[dict[str, Any]]:
+    rows = []
+    for name, r in results.items():
+        diverged = r.diverged(cfg)
+        final = r.final_loss()
+        kept = final[~diverged]
+        rows.append({
+            "policy": name,
+            "diverged": int(diverged.sum()),
+            "seeds": int(cfg.seeds),
+            "final_loss_median": float(np.median(final)) if np.all(np.isfinite(final))
+            else float("nan"),
+            "final_loss_kept_mean": float(np.mean(kept)) if kept.size else float("nan"),
+            "clipped_fraction": float(r.clipped.mean()),
+        })
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    head = (f"{'policy':18s} {'diverged':>9s} {'final loss (median)':>20s} "
+            f"{'final loss (kept seeds)':>24s} {'steps clipped':>14s}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(
+            f"{r['policy']:18s} {r['diverged']:>4d} / {r['seeds']:<2d} "
+            f"{r['final_loss_median']:20.4g} {r['final_loss_kept_mean']:24.4f} "
+            f"{r['clipped_fraction']:14.1%}"
+        )
+    return "\n".join(lines)
+
+
+def _save_figure(fig: Any, path: str) -> None:
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=os.path.dirname(path) or ".")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def plot(cfg: rnn.Config, results: dict[str, rnn.Result], out: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = np.arange(cfg.steps)
+    paths = []
+
+    fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3.4), sharey=True)
+    for ax, (name, r) in zip(np.atleast_1d(axes), results.items(), strict=True):
+        diverged = r.diverged(cfg)
+        for seed in range(cfg.seeds):
+            ax.plot(steps, np.clip(r.loss[seed], 1e-3, 1e3), lw=0.8,
+                    color="tab:red" if diverged[seed] else "tab:blue", alpha=0.6)
+        ax.axhline(1 / 6, color="grey", ls=":", lw=1, label="predict the mean")
+        ax.set_yscale("log")
+        ax.set_title(f"{name}\n{diverged.sum()} of {cfg.seeds} seeds diverged (red)")
+        ax.set_xlabel("step")
+    np.atleast_1d(axes)[0].set_ylabel("training loss (MSE)")
+    np.atleast_1d(axes)[0].legend(loc="lower left", fontsize=8)
+    fig.suptitle("Vanilla RNN on the adding problem, plain SGD")
+    paths.append(os.path.join(out, "loss_curves.png"))
+    _save_figure(fig, paths[-1])
+    plt.close(fig)
+
+    fig, axes = plt.subplots(len(results), 1, figsize=(9, 2.3 * len(results)), sharex=True)
+    for ax, (name, r) in zip(np.atleast_1d(axes), results.items(), strict=True):
+        seed = int(np.argmax(r.grad_norm.max(axis=1)))  # the seed with the largest spike
+        norm = r.grad_norm[seed]
+        ax.plot(steps, norm, lw=0.7, color="tab:blue", label="unclipped norm")
+        threshold = r.threshold[seed]
+        finite = np.isfinite(threshold)
+        if finite.any():
+            ax.plot(steps[finite], threshold[finite], color="tab:orange", lw=1.2,
+                    label="threshold")
+        clipped = r.clipped[seed].astype(bool)
+        ax.scatter(steps[clipped], norm[clipped], s=4, color="tab:red", label="clipped", zorder=3)
+        ax.set_yscale("log")
+        ax.set_title(f"{name} (seed {seed}): {clipped.mean():.0%} of steps clipped", fontsize=10)
+        ax.legend(loc="upper right", fontsize=7, ncol=3)
+    np.atleast_1d(axes)[-1].set_xlabel("step")
+    fig.suptitle("Gradient norm, threshold and clip events")
+    paths.append(os.path.join(out, "grad_norms.png"))
+    _save_figure(fig, paths[-1])
+    plt.close(fig)
+    return paths
+
+
+def main(*, quick: bool, out: str, seeds: int | None, steps: int | None) -> int:
+    from tqdm.auto import tqdm
+
+    cfg = config(quick=quick, seeds=seeds, steps=steps)
+    os.makedirs(out, exist_ok=True)
+    print(f"Vanilla RNN, adding problem (length {cfg.seq_len}), {cfg.seeds} seeds x "
+          f"{cfg.steps} steps, SGD lr {cfg.learning_rate}, recurrent radius {cfg.radius}")
+    results = {}
+    policies = rnn.policies(cfg)
+    for name in tqdm(policies, desc="policies", unit="policy"):
+        results[name] = rnn.train(cfg, policies[name])
+    rows = summarize(cfg, results)
+    print(format_table(rows))
+    paths = plot(cfg, results, out)
+    write_json_atomically(os.path.join(out, "results.json"),
+                          {"config": dataclasses.asdict(cfg), "policies": rows})
+    print("wrote " + ", ".join(paths + [os.path.join(out, "results.json")]))
+    return 0
