@@ -15,10 +15,10 @@ from gradclip_jax.examples import rnn
 QUICK = dict(steps=600, seeds=6)
 
 
-def config(*, quick: bool, seeds: int | None, steps: int | None) -> rnn.Config:
-    cfg = rnn.Config(**(QUICK if quick else {}))
-    overrides = {k: v for k, v in dict(seeds=seeds, steps=steps).items() if v is not None}
-    return dataclasses.replace(cfg, **overrides)
+def config(name: str, *, quick: bool, seeds: int | None, steps: int | None) -> rnn.Config:
+    overrides = dict(QUICK) if quick else {}
+    overrides.update({k: v for k, v in dict(seeds=seeds, steps=steps).items() if v is not None})
+    return rnn.scenario(name, **overrides)
 
 
 def summarize(cfg: rnn.Config, results: dict[str, rnn.Result]) -> list[dict[str, Any]]:
@@ -63,7 +63,7 @@ def _save_figure(fig: Any, path: str) -> None:
             os.remove(tmp)
 
 
-def plot(cfg: rnn.Config, results: dict[str, rnn.Result], out: str) -> list[str]:
+def plot(cfg: rnn.Config, results: dict[str, rnn.Result], out: str, tag: str) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,14 +84,16 @@ def plot(cfg: rnn.Config, results: dict[str, rnn.Result], out: str) -> list[str]
         ax.set_xlabel("step")
     np.atleast_1d(axes)[0].set_ylabel("training loss (MSE)")
     np.atleast_1d(axes)[0].legend(loc="lower left", fontsize=8)
-    fig.suptitle("Vanilla RNN on the adding problem, plain SGD")
-    paths.append(os.path.join(out, "loss_curves.png"))
+    fig.suptitle(f"Vanilla RNN on the adding problem, plain SGD: {rnn.SCENARIOS[tag]}")
+    paths.append(os.path.join(out, f"loss_curves_{tag}.png"))
     _save_figure(fig, paths[-1])
     plt.close(fig)
 
     fig, axes = plt.subplots(len(results), 1, figsize=(9, 2.3 * len(results)), sharex=True)
     for ax, (name, r) in zip(np.atleast_1d(axes), results.items(), strict=True):
-        seed = int(np.argmax(r.grad_norm.max(axis=1)))  # the seed with the largest spike
+        # The seed with the largest spike, among those that did not diverge if any did not.
+        peaks = np.where(r.diverged(cfg), -np.inf, np.nan_to_num(r.grad_norm.max(axis=1)))
+        seed = int(np.argmax(peaks)) if np.isfinite(peaks).any() else 0
         norm = r.grad_norm[seed]
         ax.plot(steps, norm, lw=0.7, color="tab:blue", label="unclipped norm")
         threshold = r.threshold[seed]
@@ -105,8 +107,8 @@ def plot(cfg: rnn.Config, results: dict[str, rnn.Result], out: str) -> list[str]
         ax.set_title(f"{name} (seed {seed}): {clipped.mean():.0%} of steps clipped", fontsize=10)
         ax.legend(loc="upper right", fontsize=7, ncol=3)
     np.atleast_1d(axes)[-1].set_xlabel("step")
-    fig.suptitle("Gradient norm, threshold and clip events")
-    paths.append(os.path.join(out, "grad_norms.png"))
+    fig.suptitle(f"Gradient norm, threshold and clip events ({tag})")
+    paths.append(os.path.join(out, f"grad_norms_{tag}.png"))
     _save_figure(fig, paths[-1])
     plt.close(fig)
     return paths
@@ -115,18 +117,23 @@ def plot(cfg: rnn.Config, results: dict[str, rnn.Result], out: str) -> list[str]
 def main(*, quick: bool, out: str, seeds: int | None, steps: int | None) -> int:
     from tqdm.auto import tqdm
 
-    cfg = config(quick=quick, seeds=seeds, steps=steps)
     os.makedirs(out, exist_ok=True)
-    print(f"Vanilla RNN, adding problem (length {cfg.seq_len}), {cfg.seeds} seeds x "
-          f"{cfg.steps} steps, SGD lr {cfg.learning_rate}, recurrent radius {cfg.radius}")
-    results = {}
-    policies = rnn.policies(cfg)
-    for name in tqdm(policies, desc="policies", unit="policy"):
-        results[name] = rnn.train(cfg, policies[name])
-    rows = summarize(cfg, results)
-    print(format_table(rows))
-    paths = plot(cfg, results, out)
-    write_json_atomically(os.path.join(out, "results.json"),
-                          {"config": dataclasses.asdict(cfg), "policies": rows})
-    print("wrote " + ", ".join(paths + [os.path.join(out, "results.json")]))
+    configs = {name: config(name, quick=quick, seeds=seeds, steps=steps) for name in rnn.SCENARIOS}
+    runs = [(name, policy) for name in configs for policy in rnn.policies(configs[name])]
+    results: dict[str, dict[str, rnn.Result]] = {name: {} for name in configs}
+    for name, policy in tqdm(runs, desc="training", unit="run"):
+        cfg = configs[name]
+        results[name][policy] = rnn.train(cfg, rnn.policies(cfg)[policy])
+
+    summary, paths = {}, []
+    for name, cfg in configs.items():
+        rows = summarize(cfg, results[name])
+        summary[name] = {"config": dataclasses.asdict(cfg), "policies": rows}
+        print(f"\n[{name}] {rnn.SCENARIOS[name]}; vanilla RNN, adding problem (length "
+              f"{cfg.seq_len}), {cfg.seeds} seeds x {cfg.steps} steps")
+        print(format_table(rows))
+        paths += plot(cfg, results[name], out, name)
+    paths.append(os.path.join(out, "results.json"))
+    write_json_atomically(paths[-1], summary)
+    print("\nwrote " + ", ".join(paths))
     return 0

@@ -61,6 +61,21 @@ class Config:
     diverged_loss: float = 0.5
 
 
+SCENARIOS = {
+    "exploding": "SGD at learning rate 0.1 on a recurrent matrix of spectral radius 1.3: some "
+    "seeds explode on their own",
+    "spikes": "a stable run (learning rate 0.05) hit by a 1000x gradient spike every 97 steps",
+}
+
+
+def scenario(name: str, **overrides) -> Config:
+    """The demo's two settings: ``"exploding"`` and ``"spikes"`` (see ``SCENARIOS``)."""
+    if name not in SCENARIOS:
+        raise ValueError(f"scenario must be one of {sorted(SCENARIOS)}, got {name!r}")
+    base = Config() if name == "exploding" else Config(learning_rate=0.05, spike_every=97)
+    return dataclasses.replace(base, **overrides)
+
+
 class Result(NamedTuple):
     """Per-seed, per-step logs of one policy: arrays of shape (seeds, steps)."""
 
