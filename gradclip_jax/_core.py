@@ -144,7 +144,7 @@ def clip_transformation(
         del params, extra_args
         threshold = jnp.asarray(threshold_fn(state), jnp.float32)
         measures = _norms.reduce_tree(updates, kinds, axis_name)
-        l2 = jnp.sqrt(measures[_norms.SUMSQ]).astype(jnp.float32)
+        l2 = _norms.l2_from(measures).astype(jnp.float32)
         finite = jnp.isfinite(l2)
         measured = _norms.norm_from(measures, ord) if mode == NORM else measures[_norms.MAXABS]
         clipped = finite & (measured > threshold)

@@ -2,12 +2,13 @@
 
 Every reduction here accumulates in float32 (float64 for float64 leaves), whatever the leaf
 dtype: a float16 leaf is upcast before it is squared, so a float16 gradient can never
-overflow (65504**2 times any realistic element count fits in float32). bfloat16 and float32
-leaves share float32's exponent range; their squared norm is representable up to a norm of
-about 1.8e19, above which the sum of squares is +inf and the gradient is reported as
-non-finite. Detecting that case exactly would need a second pass over the gradients (or a
-conditional that XLA prices as one), which would double the cost of every step to handle a
-gradient that has already diverged.
+overflow (65504**2 times any realistic element count fits in float32). bfloat16 shares
+float32's exponent range, so its squares can overflow float32 even when the norm fits: for
+bfloat16 leaves the same single reduction also sums the squares of ``x * 2**-64``, and when the
+plain sum overflows while that one is finite, the norm is taken from it. float32 leaves keep a
+single sum of squares, representable up to a norm of about 1.8e19; above that the gradient is
+reported as non-finite (detecting the case exactly would cost a second pass over every float32
+gradient, to handle one that has already diverged).
 
 Each leaf is reduced once. When several measures of the same leaf are needed (the value clip
 wants the sum of squares and the largest magnitude), they come out of one variadic reduction,
@@ -33,8 +34,11 @@ from jax import lax
 from gradclip_jax._validation import check_axis_name, check_ord
 
 SUMSQ = "sumsq"
+SUMSQ_LO = "sumsq_lo"  # sum of squares of x * 2**-64: bfloat16's overflow-free twin of SUMSQ
 ABSSUM = "abssum"
 MAXABS = "maxabs"
+
+_LO_SCALE = 2.0**-64
 
 _MAX_KINDS = frozenset({MAXABS})
 
@@ -46,6 +50,8 @@ def _accum_dtype(dtype: Any) -> Any:
 def _elementwise(kind: str, x: jax.Array) -> jax.Array:
     if kind == SUMSQ:
         return x * x
+    if kind == SUMSQ_LO:
+        return jnp.square(x * _LO_SCALE)
     return jnp.abs(x)
 
 
@@ -54,6 +60,13 @@ def _combine(kind: str, a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def _reduce_leaf(x: jax.Array, kinds: Sequence[str]) -> tuple[jax.Array, ...]:
+    if SUMSQ_LO in kinds and x.dtype != jnp.bfloat16:
+        # Only bfloat16 squares can overflow a float32 sum while the norm fits; other leaves
+        # derive the scaled sum from the plain one instead of computing it.
+        rest = tuple(k for k in kinds if k != SUMSQ_LO)
+        values = dict(zip(rest, _reduce_leaf(x, rest), strict=True))
+        values[SUMSQ_LO] = values[SUMSQ] * (_LO_SCALE * _LO_SCALE)
+        return tuple(values[k] for k in kinds)
     # No ravel: reshaping an explicitly sharded array needs an output sharding; reducing over
     # every axis does not.
     acc = _accum_dtype(x.dtype)
@@ -62,12 +75,38 @@ def _reduce_leaf(x: jax.Array, kinds: Sequence[str]) -> tuple[jax.Array, ...]:
     if len(kinds) == 1:
         values = _elementwise(kinds[0], x)
         return (jnp.max(values, initial=zero) if kinds[0] in _MAX_KINDS else jnp.sum(values),)
-    operands = tuple(_elementwise(k, x) for k in kinds)
+    # XLA's CPU backend runs a multi-output reduction as one sequential loop, whose float32
+    # error grows with the element count (10% for 10M equal values). So the joint reduction
+    # only runs over blocks of at most _BLOCK elements; the small per-block partials are then
+    # reduced by ordinary single-output reductions, which XLA does accurately.
+    blocks = _split_last_axis(x)
+    operands = tuple(_elementwise(k, blocks) for k in kinds)
 
     def combine(a, b):
         return tuple(_combine(k, u, v) for k, u, v in zip(kinds, a, b, strict=True))
 
-    return tuple(lax.reduce(operands, (zero,) * len(kinds), combine, tuple(range(x.ndim))))
+    partials = lax.reduce(operands, (zero,) * len(kinds), combine, (blocks.ndim - 1,))
+    return tuple(
+        jnp.max(p, initial=zero) if k in _MAX_KINDS else jnp.sum(p)
+        for k, p in zip(kinds, partials, strict=True)
+    )
+
+
+_BLOCK = 256
+
+
+def _split_last_axis(x: jax.Array) -> jax.Array:
+    """``x`` with its last axis split into blocks of at most ``_BLOCK`` elements (a view)."""
+    if x.ndim == 0:
+        return x.reshape(1)
+    n = x.shape[-1]
+    block = next(b for b in range(min(n, _BLOCK), 0, -1) if n % b == 0)
+    if block == n:
+        return x
+    try:
+        return x.reshape(*x.shape[:-1], n // block, block)
+    except Exception:  # an explicitly sharded axis that cannot be split: reduce it whole
+        return x
 
 
 def varying_axes(x: Any) -> frozenset:
@@ -98,6 +137,8 @@ def reduce_tree(
     """
     names = axis_names_tuple(axis_name)
     leaves = jax.tree.leaves(tree)
+    if SUMSQ in kinds and any(jnp.result_type(x) == jnp.bfloat16 for x in leaves):
+        kinds = (*kinds, SUMSQ_LO)
     acc = jnp.result_type(jnp.float32, *(_accum_dtype(x.dtype) for x in leaves))
     groups: dict[tuple[str, ...], list[tuple[jax.Array, ...]]] = {}
     for leaf in leaves:
@@ -124,12 +165,22 @@ def norm_kinds(ord: Any) -> tuple[str, ...]:
     return ({2: SUMSQ, 1: ABSSUM}.get(ord, MAXABS),)
 
 
+def l2_from(measures: dict[str, jax.Array]) -> jax.Array:
+    """The L2 norm from the sum of squares (and its scaled twin, when bfloat16 leaves had one)."""
+    plain = jnp.sqrt(measures[SUMSQ])
+    if SUMSQ_LO not in measures:
+        return plain
+    scaled = jnp.sqrt(measures[SUMSQ_LO]) / _LO_SCALE
+    overflowed = jnp.isinf(measures[SUMSQ]) & jnp.isfinite(measures[SUMSQ_LO])
+    return jnp.where(overflowed, scaled, plain)
+
+
 def norm_from(measures: dict[str, jax.Array], ord: Any) -> jax.Array:
     if isinstance(ord, jax.core.Tracer):
-        l2, l1, linf = jnp.sqrt(measures[SUMSQ]), measures[ABSSUM], measures[MAXABS]
+        l2, l1, linf = l2_from(measures), measures[ABSSUM], measures[MAXABS]
         return jnp.where(ord == 1, l1, jnp.where(ord == 2, l2, linf))
     if ord == 2:
-        return jnp.sqrt(measures[SUMSQ])
+        return l2_from(measures)
     return measures[norm_kinds(ord)[0]]
 
 

@@ -35,6 +35,22 @@ def _at_step(value: ScalarOrSchedule, count: jax.Array) -> jax.Array:
     return jnp.asarray(value, jnp.float32)
 
 
+def _fixed_threshold_clip(
+    name: str, threshold: ScalarOrSchedule, *, mode: str, nonfinite: str, axis_name, ord=2
+) -> optax.GradientTransformationExtraArgs:
+    """A clip whose threshold is a given number or schedule; validates, then builds it."""
+    check_threshold(name, threshold)
+    check_nonfinite(nonfinite)
+    check_axis_name(axis_name)
+    return _core.clip_transformation(
+        lambda state: _at_step(threshold, state.count),
+        mode=mode,
+        ord=ord,
+        nonfinite=nonfinite,
+        axis_name=axis_name,
+    )
+
+
 def clip_by_global_norm(
     max_norm: ScalarOrSchedule = 1.0,
     *,
@@ -89,15 +105,8 @@ def clip_by_global_norm(
       Pascanu, Mikolov and Bengio, "On the difficulty of training recurrent neural networks",
       ICML 2013.
     """
-    check_threshold("max_norm", max_norm)
-    ord = check_ord(ord)
-    check_nonfinite(nonfinite)
-    check_axis_name(axis_name)
-    return _core.clip_transformation(
-        lambda state: _at_step(max_norm, state.count),
-        mode=_core.NORM,
-        ord=ord,
-        nonfinite=nonfinite,
+    return _fixed_threshold_clip(
+        "max_norm", max_norm, mode=_core.NORM, ord=check_ord(ord), nonfinite=nonfinite,
         axis_name=axis_name,
     )
 
@@ -137,14 +146,8 @@ def clip_by_value(
       >>> int(gradclip_jax.stats(state)["clipped_steps"])
       1
     """
-    check_threshold("max_value", max_value)
-    check_nonfinite(nonfinite)
-    check_axis_name(axis_name)
-    return _core.clip_transformation(
-        lambda state: _at_step(max_value, state.count),
-        mode=_core.VALUE,
-        nonfinite=nonfinite,
-        axis_name=axis_name,
+    return _fixed_threshold_clip(
+        "max_value", max_value, mode=_core.VALUE, nonfinite=nonfinite, axis_name=axis_name
     )
 
 

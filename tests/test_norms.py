@@ -68,6 +68,22 @@ def test_low_precision_large_values(dtype):
     assert float(gc.global_norm(grads, ord=math.inf)) == pytest.approx(expected / math.sqrt(4099))
 
 
+def test_bfloat16_norm_above_float32_sqrt_max_does_not_overflow():
+    # 1e20 squared overflows float32, but the norm (3.2e21) fits: it must come out finite.
+    grads = {"big": jnp.full((1000,), 1e20, jnp.bfloat16), "small": jnp.ones((3,), jnp.float32)}
+    expected = float(jnp.asarray(1e20, jnp.bfloat16)) * math.sqrt(1000)
+    assert float(gc.global_norm(grads)) == pytest.approx(expected, rel=1e-5)
+    tx = gc.clip_by_global_norm(1.0)
+    out, state = jax.jit(tx.update)(grads, tx.init(grads))
+    assert int(state.nonfinite_steps) == 0
+    assert float(gc.global_norm(out)) == pytest.approx(1.0, rel=1e-2)
+    assert float(state.grad_norm) == pytest.approx(expected, rel=1e-5)
+    # A real Inf or NaN is still non-finite.
+    for bad in (jnp.inf, jnp.nan):
+        grads["big"] = grads["big"].at[0].set(bad)
+        assert not np.isfinite(float(gc.global_norm(grads)))
+
+
 def test_float64_leaves_accumulate_in_float64():
     with jax.enable_x64(True):
         tree = {"a": jnp.full((10,), 1e100, jnp.float64)}
@@ -98,3 +114,17 @@ def test_bad_ord_is_a_value_error(bad):
 def test_bad_ord_type_is_a_type_error():
     with pytest.raises(TypeError, match="ord"):
         gc.global_norm({"a": jnp.ones(2)}, ord="fro")
+
+
+@pytest.mark.parametrize("shape", [(2_000_003,), (1_000_000,), (1024, 2048)])
+def test_value_clip_and_bfloat16_norms_are_accurate_on_large_leaves(shape):
+    # The value clip (and bfloat16 leaves) take two measures in one reduction; XLA's CPU
+    # backend runs those sequentially, so a naive version loses percent-level accuracy here.
+    x = jnp.full(shape, 1.1, jnp.float32)
+    exact = math.sqrt(x.size) * float(np.float32(1.1))
+    tx = gc.clip_by_value(10.0)
+    _, state = jax.jit(tx.update)({"w": x}, tx.init(None))
+    assert float(state.grad_norm) == pytest.approx(exact, rel=1e-5)
+    bf = jnp.full(shape, 1.1, jnp.bfloat16)
+    exact_bf = math.sqrt(bf.size) * float(bf.ravel()[0])
+    assert float(gc.global_norm({"w": bf})) == pytest.approx(exact_bf, rel=1e-5)
