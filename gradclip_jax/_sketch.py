@@ -1,7 +1,7 @@
 """A fixed-shape quantile sketch of gradient norms (the store and its queries).
 
 The sketch is a histogram over the buckets of a :class:`LogMapping`. Its size is fixed at
-construction (1,845 buckets, 7.2 KiB, at the default 1% accuracy) and does not grow with the
+construction (1,846 buckets, 7.2 KiB, at the default 1% accuracy) and does not grow with the
 number of steps; adding a value and reading a quantile each cost O(buckets).
 
 Counts are exact int32 when nothing is forgotten. With exponential forgetting (``decay``) they

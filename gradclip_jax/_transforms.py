@@ -165,7 +165,7 @@ def percentile_clip(
     r"""Global-norm clip at a running percentile of the gradient norms seen so far.
 
     The state keeps a fixed-size histogram of the unclipped global L2 norms (a DDSketch-style
-    log-bucket sketch: 1,845 buckets at 1% accuracy for norms in 1e-8..1e8, the same size at
+    log-bucket sketch: 1,846 buckets at 1% accuracy for norms in 1e-8..1e8, the same size at
     step 0 and step 10^7). The threshold for step :math:`t` is computed from the norms recorded
     at steps before :math:`t`:
 
