@@ -154,8 +154,9 @@ def clip_transformation(
             apply = lambda g: _scale_leaf(g, scale)  # noqa: E731
         else:
             apply = lambda g: _clip_leaf(g, threshold)  # noqa: E731
-        # Selecting g itself when nothing is clipped returns it bit for bit; multiplying by 1
-        # would not (XLA flushes subnormals to zero on CPU).
+        # Selecting g itself when nothing is clipped returns it bit for bit (multiplying by 1
+        # would not: XLA flushes subnormals to zero on CPU), and returns a non-finite update
+        # untouched under nonfinite="propagate" (clipped is False when not finite).
         kept = lambda g: jnp.where(clipped, apply(g), g)  # noqa: E731
         if nonfinite == "zero":
             out = lambda g: jnp.where(finite, kept(g), jnp.zeros_like(g))  # noqa: E731
