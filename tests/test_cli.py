@@ -40,9 +40,14 @@ def test_tiny_demo_writes_table_plots_and_json(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"exploding", "spikes"}
     rows = results["spikes"]["policies"]
-    assert [r["policy"] for r in rows] == ["no clipping", "value clip 0.1", "norm clip 1.0",
-                                           "percentile clip"]
+    assert [r["policy"] for r in rows] == ["no clipping", "value clip 0.1", "norm clip 0.1",
+                                           "norm clip 1.0", "norm clip 10.0", "percentile clip"]
     assert all(r["seeds"] == 2 for r in rows)
+    comparison = results["spikes"]["comparison"]
+    assert comparison["best_fixed"] in {"norm clip 0.1", "norm clip 1.0", "norm clip 10.0"}
+    assert comparison["ratio"] == pytest.approx(
+        comparison["percentile_loss"] / comparison["best_fixed_loss"])
+    assert "best fixed norm clip in hindsight" in printed
     for png in files[:-1]:
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -14,11 +14,21 @@ def lognormal(rng, n, sigma=0.5, scale=1.0):
     return scale * np.exp(rng.normal(0.0, sigma, n))
 
 
-@pytest.mark.parametrize("sigma", [0.3, 0.5, 1.0])
+@pytest.mark.parametrize("sigma", [0.1, 0.3, 0.5])
 def test_stationary_lognormal_p90_clips_about_ten_percent(sigma):
     norms = lognormal(np.random.default_rng(1), 4000, sigma)
     _, _, _, clipped = run_norm_stream(gc.percentile_clip(), norms)
     assert 0.06 <= clipped.mean() <= 0.14
+
+
+def test_wide_norms_are_clipped_at_twice_the_median():
+    # sigma = 1: the p90 is 3.6x the median, so the median cap sets the threshold.
+    norms = lognormal(np.random.default_rng(10), 4000, 1.0)
+    _, _, thresholds, clipped = run_norm_stream(gc.percentile_clip(), norms)
+    median = np.median(norms[:-1])
+    assert thresholds[-1] == pytest.approx(gc.MEDIAN_MULTIPLE * median, rel=0.03)
+    expected = np.mean(norms > gc.MEDIAN_MULTIPLE * np.median(norms))  # about 24%
+    assert clipped[1000:].mean() == pytest.approx(expected, abs=0.03)
 
 
 def test_sustained_growth_cannot_ratchet_the_threshold():

@@ -12,7 +12,7 @@ import numpy as np
 from gradclip_jax._cli.bench import write_json_atomically
 from gradclip_jax.examples import rnn
 
-QUICK = dict(steps=600, seeds=6)
+QUICK = dict(steps=600)
 
 
 def config(name: str, *, quick: bool, seeds: int | None, steps: int | None) -> rnn.Config:
@@ -37,6 +37,34 @@ def summarize(cfg: rnn.Config, results: dict[str, rnn.Result]) -> list[dict[str,
             "clipped_fraction": float(r.clipped.mean()),
         })
     return rows
+
+
+def mean_final_loss(row: dict[str, Any]) -> float:
+    """A policy's mean final loss over all seeds; infinite if any seed diverged."""
+    return row["final_loss_kept_mean"] if row["diverged"] == 0 else float("inf")
+
+
+def compare(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The percentile clip against the best fixed norm threshold chosen in hindsight."""
+    by_name = {r["policy"]: r for r in rows}
+    fixed = {f"norm clip {c}": mean_final_loss(by_name[f"norm clip {c}"])
+             for c in rnn.FIXED_NORMS}
+    best = min(fixed, key=fixed.get)
+    adaptive = by_name["percentile clip"]
+    return {
+        "best_fixed": best,
+        "best_fixed_loss": fixed[best],
+        "percentile_loss": mean_final_loss(adaptive),
+        "percentile_diverged": adaptive["diverged"],
+        "ratio": mean_final_loss(adaptive) / fixed[best],
+    }
+
+
+def format_comparison(c: dict[str, Any], seeds: int) -> str:
+    return (f"percentile clip (defaults) vs the best fixed norm clip in hindsight "
+            f"({c['best_fixed']}): mean final loss {c['percentile_loss']:.4f} vs "
+            f"{c['best_fixed_loss']:.4f} ({c['ratio']:.2f}x), {c['percentile_diverged']} of "
+            f"{seeds} seeds lost")
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -128,10 +156,16 @@ def main(*, quick: bool, out: str, seeds: int | None, steps: int | None) -> int:
     summary, paths = {}, []
     for name, cfg in configs.items():
         rows = summarize(cfg, results[name])
-        summary[name] = {"config": dataclasses.asdict(cfg), "policies": rows}
+        comparison = compare(rows)
+        summary[name] = {"config": dataclasses.asdict(cfg), "policies": rows,
+                         "comparison": comparison}
         print(f"\n[{name}] {rnn.SCENARIOS[name]}; vanilla RNN, adding problem (length "
               f"{cfg.seq_len}), {cfg.seeds} seeds x {cfg.steps} steps")
         print(format_table(rows))
+        print(format_comparison(comparison, cfg.seeds))
+        if quick:
+            print("  (--quick: the runs stop before they have learned the task, so the final "
+                  "losses above say little; run without --quick to compare them)")
         paths += plot(cfg, results[name], out, name)
     paths.append(os.path.join(out, "results.json"))
     write_json_atomically(paths[-1], summary)
