@@ -112,7 +112,7 @@ def plot(cfg: rnn.Config, results: dict[str, rnn.Result], out: str, tag: str) ->
         ax.set_xlabel("step")
     np.atleast_1d(axes)[0].set_ylabel("training loss (MSE)")
     np.atleast_1d(axes)[0].legend(loc="lower left", fontsize=8)
-    fig.suptitle(f"Vanilla RNN on the adding problem, plain SGD: {rnn.SCENARIOS[tag]}")
+    fig.suptitle(f"Vanilla RNN on the adding problem, plain SGD: {rnn.SCENARIOS[tag]}", y=1.08)
     paths.append(os.path.join(out, f"loss_curves_{tag}.png"))
     _save_figure(fig, paths[-1])
     plt.close(fig)
