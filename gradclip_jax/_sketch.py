@@ -74,7 +74,8 @@ def sketch_quantile(sketch: NormSketch, q: jax.Array | float) -> jax.Array:
 
     Returns the representative of the bucket holding the element of rank
     ``floor(q * (n - 1))`` (NumPy's ``method="lower"``), so the result is within the mapping's
-    relative accuracy of it for values inside the mapped range.
+    relative accuracy of it for values inside the mapped range. ``q`` may be an array of
+    quantiles: they share one pass over the buckets.
     """
     counts = sketch.counts.astype(jnp.float32)
     cumulative = jnp.cumsum(counts)
@@ -82,6 +83,7 @@ def sketch_quantile(sketch: NormSketch, q: jax.Array | float) -> jax.Array:
     # slice would hand each of them the whole cumulative array.
     total = jnp.sum(counts)
     rank = jnp.asarray(q, jnp.float32) * jnp.maximum(total - 1.0, 0.0)
-    index = jnp.minimum(jnp.sum(cumulative <= rank), counts.shape[0] - 1)
+    below = jnp.sum(cumulative <= rank[..., None], axis=-1)
+    index = jnp.minimum(below, counts.shape[0] - 1)
     value = sketch.mapping.value(index)
     return jnp.where(total > 0, value, jnp.nan)

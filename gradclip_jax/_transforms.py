@@ -257,9 +257,8 @@ def percentile_clip(
     def threshold(state: _core.ClipState) -> jax.Array:
         hist = state.histogram
         q = jnp.asarray(percentile, jnp.float32) / 100.0
-        adaptive = jnp.minimum(
-            sketch_quantile(hist, q), MEDIAN_MULTIPLE * sketch_quantile(hist, 0.5)
-        )
+        upper, median = sketch_quantile(hist, jnp.stack([q, jnp.float32(0.5)]))
+        adaptive = jnp.minimum(upper, MEDIAN_MULTIPLE * median)
         ready = hist.recorded >= jnp.maximum(warmup_steps, 1)
         value = jnp.where(ready, adaptive, _core.NO_THRESHOLD)
         if freeze_after is not None:

@@ -1,10 +1,25 @@
-"""Shared test helpers: feeding norm streams through a transform, tree comparisons."""
+"""Shared test helpers: every clip transform by name, feeding norm streams through a
+transform, tree checks."""
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+import gradclip_jax as gc
+
+CLIPS = {
+    "norm": lambda **kw: gc.clip_by_global_norm(1.0, **kw),
+    "norm_ord1": lambda **kw: gc.clip_by_global_norm(1.0, ord=1, **kw),
+    "norm_ordinf": lambda **kw: gc.clip_by_global_norm(1.0, ord=math.inf, **kw),
+    "value": lambda **kw: gc.clip_by_value(0.1, **kw),
+    "percentile": lambda **kw: gc.percentile_clip(warmup_steps=2, **kw),
+    "percentile_decay": lambda **kw: gc.percentile_clip(warmup_steps=2, decay=0.9, **kw),
+}
+"""Every clip transform, by name: factories taking the keyword arguments all of them accept."""
 
 
 def run_norm_stream(tx, norms, *, dim: int = 1):

@@ -1,7 +1,6 @@
 """Behaviour every transform shares through the clipping core: state shape stability,
 abstract init, jit and eager agreement, dtype keeping, non-finite handling."""
 
-import math
 
 import jax
 import jax.numpy as jnp
@@ -9,17 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-import gradclip_jax as gc
-from tests.helpers import all_finite, shapes_and_dtypes
-
-TRANSFORMS = {
-    "norm": lambda **kw: gc.clip_by_global_norm(1.0, **kw),
-    "norm_ord1": lambda **kw: gc.clip_by_global_norm(1.0, ord=1, **kw),
-    "norm_ordinf": lambda **kw: gc.clip_by_global_norm(1.0, ord=math.inf, **kw),
-    "value": lambda **kw: gc.clip_by_value(0.1, **kw),
-    "percentile": lambda **kw: gc.percentile_clip(warmup_steps=2, **kw),
-    "percentile_decay": lambda **kw: gc.percentile_clip(warmup_steps=2, decay=0.9, **kw),
-}
+from tests.helpers import CLIPS, all_finite, shapes_and_dtypes
 
 
 def make_grads(key, scale=1.0, dtype=jnp.float32):
@@ -30,9 +19,9 @@ def make_grads(key, scale=1.0, dtype=jnp.float32):
     }
 
 
-@pytest.fixture(params=sorted(TRANSFORMS))
+@pytest.fixture(params=sorted(CLIPS))
 def make_tx(request):
-    return TRANSFORMS[request.param]
+    return CLIPS[request.param]
 
 
 def test_returns_extra_args_transformation(make_tx):

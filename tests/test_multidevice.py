@@ -15,17 +15,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import gradclip_jax as gc
+from tests.helpers import CLIPS
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 (simulated) devices")
-
-CLIPS = {
-    "norm": lambda **kw: gc.clip_by_global_norm(1.0, **kw),
-    "norm_ord1": lambda **kw: gc.clip_by_global_norm(1.0, ord=1, **kw),
-    "norm_ordinf": lambda **kw: gc.clip_by_global_norm(0.5, ord=math.inf, **kw),
-    "value": lambda **kw: gc.clip_by_value(0.3, **kw),
-    "percentile": lambda **kw: gc.percentile_clip(warmup_steps=2, **kw),
-}
-
 
 def make_params(key):
     ks = jax.random.split(key, 4)

@@ -147,11 +147,11 @@ def main(*, quick: bool, out: str, seeds: int | None, steps: int | None) -> int:
 
     os.makedirs(out, exist_ok=True)
     configs = {name: config(name, quick=quick, seeds=seeds, steps=steps) for name in rnn.SCENARIOS}
-    runs = [(name, policy) for name in configs for policy in rnn.policies(configs[name])]
+    policies = {name: rnn.policies(cfg) for name, cfg in configs.items()}
+    runs = [(name, policy) for name in configs for policy in policies[name]]
     results: dict[str, dict[str, rnn.Result]] = {name: {} for name in configs}
     for name, policy in tqdm(runs, desc="training", unit="run"):
-        cfg = configs[name]
-        results[name][policy] = rnn.train(cfg, rnn.policies(cfg)[policy])
+        results[name][policy] = rnn.train(configs[name], policies[name][policy])
 
     summary, paths = {}, []
     for name, cfg in configs.items():
