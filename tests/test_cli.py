@@ -7,11 +7,12 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import optax
 import pytest
 
 import gradclip_jax as gc
-from gradclip_jax._cli import bench, main
+from gradclip_jax._cli import bench, main, shapes
 
 
 @pytest.mark.parametrize("argv", [
@@ -73,22 +74,49 @@ def test_keyboard_interrupt_is_reported_cleanly(monkeypatch, capsys):
     assert "interrupted" in capsys.readouterr().err
 
 
-def test_bench_size_reports_every_transform():
-    result = bench.bench_size(20_000, 4, repeats=1)
+def test_bench_tree_reports_every_transform():
+    # 200k parameters: at a 10k-parameter MLP the fixed-size histograms (14 KiB of state
+    # read and written per step) outweigh the gradients, which is what the MLP row shows.
+    params = {f"w{i}": jnp.zeros((50_021,)) for i in range(4)}
+    result = bench.bench_tree("odd", params, repeats=1)
     names = [row["transform"] for row in result["rows"]]
     assert names == list(bench.transforms())
+    assert result["params"] == 200_084 and result["leaves"] == 4
     optax_passes = result["rows"][0]["extra_gradient_passes"]
     assert optax_passes > 3
     for row in result["rows"]:
         assert row["time_ms"] > 0 and row["vs_adam"] > 0
-        # At 20k parameters the fixed-size histogram work is not negligible (the 8M-parameter
-        # contract is in test_cost.py), but every transform still costs less than optax's.
         if row["transform"].startswith("gradclip_jax"):
             assert row["extra_gradient_passes"] < optax_passes
-    table = bench.format_table({"backend": "cpu", "device": "cpu", "jax": jax.__version__,
-                                "optax": optax.__version__, "repeats": 1, "sizes": [result],
-                                "bandwidth": bench.bench_bandwidth(20_000, 1)})
-    assert "gradclip_jax.percentile_clip" in table
+    results = {"backend": "cpu", "device": "cpu", "jax": jax.__version__,
+               "optax": optax.__version__, "trees": [result],
+               "bandwidth": bench.bench_bandwidth(20_000, 1)}
+    results["slowest"] = bench.slowest(results)
+    assert results["slowest"]["transform"] != bench.REFERENCE
+    table = bench.format_table(results)
+    assert "gradclip_jax.percentile_clip" in table and "| odd |" in table
+    assert "slowest ratio to optax's clip" in table
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_every_shape_set_is_named_and_builds(quick):
+    sets = shapes.shape_sets(quick=quick)
+    names = " ".join(sets)
+    for word in ("odd", "GPT-2", "ResNet-50", "LSTM", "tiny leaves", "leaf", "MLP"):
+        assert word in names
+    for name, build in sets.items():
+        tree = jax.eval_shape(lambda: build(jnp.bfloat16))
+        leaves = jax.tree.leaves(tree)
+        assert leaves and all(x.dtype == jnp.bfloat16 for x in leaves), name
+    assert bench.steps_per_run(quick) == 2 * len(sets) + 1
+
+
+def test_real_model_trees_have_their_published_sizes():
+    count = lambda tree: sum(x.size for x in jax.tree.leaves(jax.eval_shape(lambda: tree)))  # noqa: E731
+    assert count(shapes.gpt2(jnp.float32, d=64, layers=1, vocab=10, ctx=8)) == (
+        10 * 64 + 8 * 64 + 2 * 64 + 2 * 64 + 64 * 192 + 192 + 64 * 64 + 64 + 2 * 64
+        + 64 * 256 + 256 + 256 * 64 + 64)
+    assert abs(count(shapes.resnet50(jnp.float32)) - 25_557_032) == 0
 
 
 def test_the_library_does_not_import_the_command_line():

@@ -1,6 +1,7 @@
-"""``gradclip-jax bench``: what each clip transform costs on top of adam.
+"""``gradclip-jax bench``: what each clip transform costs on top of adam, on every shape.
 
-Two measures per model size:
+For each named parameter tree (odd lengths, GPT-2, ResNet-50, LSTM, thousands of tiny
+leaves, one huge leaf, a tiny MLP; see ``shapes.py``), in float32 and bfloat16:
 
 - extra gradient passes: (XLA ``bytes accessed`` of ``chain(clip, adam)`` - that of ``adam``)
   / gradient bytes. Deterministic; 1.0 is the floor for a norm clip fused into the optimizer.
@@ -8,8 +9,9 @@ Two measures per model size:
   and against ``chain(optax.clip_by_global_norm, adam)``; variants are run interleaved, and
   each keeps its fastest of several repetitions.
 
-It also times ``global_norm`` against a device-to-device copy of the same bytes, to report the
-memory bandwidth the norm achieves.
+The table ends with the slowest ratio to optax's clip over every tree, dtype and transform,
+so that a regression on any one shape shows at once. It also times ``global_norm`` against a
+device-to-device copy of the same bytes, to report the memory bandwidth the norm achieves.
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ import jax.numpy as jnp
 import optax
 
 import gradclip_jax as gc
+from gradclip_jax._cli import shapes
 from gradclip_jax._cli.cost import extra_gradient_passes, gradient_bytes, model_params, train_step
 
-SIZES_QUICK = [(1_000_000, 32), (8_000_000, 96)]
-SIZES_FULL = [(1_000_000, 32), (8_000_000, 96), (32_000_000, 192)]
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+REFERENCE = "optax.clip_by_global_norm"
 
 
 def transforms() -> dict[str, optax.GradientTransformation]:
@@ -64,28 +67,39 @@ def _step_runner(tx: optax.GradientTransformation, params: Any):
     return lambda: step(grads, state, params)
 
 
-def bench_size(n_params: int, n_leaves: int, repeats: int) -> dict[str, Any]:
-    params = model_params(n_params, n_leaves)
+def bench_tree(name: str, params: Any, repeats: int, *, passes: bool = True) -> dict[str, Any]:
+    """Step times of every transform chained with adam on ``params``, and their traffic."""
     adam = optax.adam(1e-3)
     txs = transforms()
     runners = {"adam": _step_runner(adam, params)}
-    runners.update({name: _step_runner(optax.chain(t, adam), params) for name, t in txs.items()})
+    runners.update({t: _step_runner(optax.chain(tx, adam), params) for t, tx in txs.items()})
     times = interleaved_min_times(runners, repeats)
     rows = []
-    for name, t in txs.items():
+    for t, tx in txs.items():
         rows.append({
-            "transform": name,
-            "extra_gradient_passes": round(extra_gradient_passes(t, params, adam), 4),
-            "time_ms": round(times[name] * 1e3, 3),
-            "vs_adam": round(times[name] / times["adam"], 3),
-            "vs_optax_clip": round(times[name] / times["optax.clip_by_global_norm"], 3),
+            "transform": t,
+            "extra_gradient_passes": (round(extra_gradient_passes(tx, params, adam), 4)
+                                      if passes else None),
+            "time_ms": round(times[t] * 1e3, 4),
+            "vs_adam": round(times[t] / times["adam"], 3),
+            "vs_optax_clip": round(times[t] / times[REFERENCE], 3),
         })
+    leaves = jax.tree.leaves(params)
     return {
-        "params": sum(int(x.size) for x in params),
-        "leaves": n_leaves,
-        "adam_ms": round(times["adam"] * 1e3, 3),
+        "tree": name,
+        "dtype": str(leaves[0].dtype),
+        "params": sum(int(x.size) for x in leaves),
+        "leaves": len(leaves),
+        "adam_ms": round(times["adam"] * 1e3, 4),
         "rows": rows,
     }
+
+
+def _repeats(n_params: int, quick: bool) -> int:
+    # Small steps are noisy and cheap: time them more often.
+    if n_params < 1_000_000:
+        return 31 if quick else 101
+    return 5 if quick else 11
 
 
 def bench_bandwidth(n_params: int, repeats: int) -> dict[str, Any]:
@@ -103,27 +117,48 @@ def bench_bandwidth(n_params: int, repeats: int) -> dict[str, Any]:
             "copy_GBps": round(copy_gbs, 1), "fraction_of_copy": round(norm_gbs / copy_gbs, 3)}
 
 
-def run(*, quick: bool, json_path: str | None, progress: Any = None) -> dict[str, Any]:
-    sizes = SIZES_QUICK if quick else SIZES_FULL
-    repeats = 5 if quick else 15
+def run(*, quick: bool, json_path: str | None, progress: Any = None,
+        sets: dict[str, shapes.Builder] | None = None) -> dict[str, Any]:
+    sets = sets if sets is not None else shapes.shape_sets(quick=quick)
     results: dict[str, Any] = {
         "backend": jax.default_backend(),
         "device": str(jax.devices()[0].device_kind),
         "jax": jax.__version__,
         "optax": optax.__version__,
-        "repeats": repeats,
-        "sizes": [],
+        "trees": [],
     }
-    for n_params, n_leaves in sizes:
-        results["sizes"].append(bench_size(n_params, n_leaves, repeats))
-        if progress is not None:
-            progress(1)
-    results["bandwidth"] = bench_bandwidth(sizes[-1][0], repeats)
+    for name, build in sets.items():
+        for dtype in DTYPES.values():
+            params = build(dtype)
+            n = sum(int(x.size) for x in jax.tree.leaves(params))
+            # The cost analysis compiles every variant twice more; skip it for the largest.
+            results["trees"].append(bench_tree(name, params, _repeats(n, quick),
+                                               passes=n <= 40_000_000))
+            del params
+            if progress is not None:
+                progress(1)
+    results["slowest"] = slowest(results)
+    results["bandwidth"] = bench_bandwidth(8_000_000 if quick else 32_000_000, 5 if quick else 15)
     if progress is not None:
         progress(1)
     if json_path:
         write_json_atomically(json_path, results)
     return results
+
+
+def slowest(results: dict[str, Any]) -> dict[str, Any]:
+    """The gradclip_jax transform, tree and dtype with the largest ratio to optax's clip."""
+    worst: dict[str, Any] = {"vs_optax_clip": -math.inf}
+    for tree in results["trees"]:
+        for row in tree["rows"]:
+            if row["transform"] != REFERENCE and row["vs_optax_clip"] > worst["vs_optax_clip"]:
+                worst = {"tree": tree["tree"], "dtype": tree["dtype"], **row}
+    return worst
+
+
+def steps_per_run(quick: bool) -> int:
+    """How many progress steps ``run`` reports: one per tree and dtype, one for bandwidth."""
+    return len(shapes.shape_sets(quick=quick)) * len(DTYPES) + 1
 
 
 def write_json_atomically(path: str, data: Any) -> None:
@@ -140,20 +175,29 @@ def write_json_atomically(path: str, data: Any) -> None:
 
 def format_table(results: dict[str, Any]) -> str:
     lines = [f"backend: {results['backend']} ({results['device']}), jax {results['jax']}, "
-             f"optax {results['optax']}, fastest of {results['repeats']} interleaved runs"]
-    for size in results["sizes"]:
-        lines.append("")
-        lines.append(f"{size['params'] / 1e6:.1f}M float32 params in {size['leaves']} leaves; "
-                     f"adam step {size['adam_ms']:.2f} ms")
-        lines.append(f"  {'transform (chained with adam)':36s} {'extra passes':>12s} "
-                     f"{'step ms':>9s} {'vs adam':>8s} {'vs optax clip':>14s}")
-        for row in size["rows"]:
+             f"optax {results['optax']}; step time is the fastest of interleaved runs",
+             "",
+             "| tree | dtype | params (leaves) | adam step ms | transform, chained with adam "
+             "| extra gradient passes | step vs adam | vs optax clip |",
+             "|---|---|---|---|---|---|---|---|"]
+    for tree in results["trees"]:
+        for row in tree["rows"]:
+            passes = row["extra_gradient_passes"]
             lines.append(
-                f"  {row['transform']:36s} {row['extra_gradient_passes']:12.3f} "
-                f"{row['time_ms']:9.2f} {row['vs_adam']:8.3f} {row['vs_optax_clip']:14.3f}"
-            )
+                f"| {tree['tree']} | {tree['dtype']} | {_count(tree['params'])} "
+                f"({tree['leaves']}) | {tree['adam_ms']:.3f} | `{row['transform']}` | "
+                f"{'-' if passes is None else f'{passes:.3f}'} | {row['vs_adam']:.3f} | "
+                f"{row['vs_optax_clip']:.3f} |")
+    worst = results.get("slowest")
+    if worst:
+        lines.append("")
+        lines.append(f"slowest ratio to optax's clip: {worst['vs_optax_clip']:.3f} "
+                     f"(`{worst['transform']}` on {worst['tree']}, {worst['dtype']})")
     bw = results["bandwidth"]
-    lines.append("")
     lines.append(f"global_norm over {bw['bytes'] / 1e6:.0f} MB: {bw['global_norm_GBps']} GB/s; "
                  f"device copy: {bw['copy_GBps']} GB/s ({bw['fraction_of_copy']:.0%} of copy)")
     return "\n".join(lines)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e6:.1f}M" if n >= 100_000 else f"{n:,}"
