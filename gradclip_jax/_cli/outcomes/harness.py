@@ -1,0 +1,184 @@
+"""Paired training runs of every clipping policy, and the metrics that judge them.
+
+Pairing: a run's initialisation and batches depend only on its seed, so every policy sees the
+same ones. A policy *family* is one transform factory whose argument is vmapped (the fixed
+thresholds are one family, no clipping being the threshold float32-max): one jitted program
+trains every (variant, arm) pair of a task at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import gradclip_jax as gc
+from gradclip_jax._cli.outcomes import baselines
+from gradclip_jax._cli.outcomes.tasks import SPIKE_FACTOR, Arm, Task
+
+FIXED_C = (0.1, 0.3, 1.0, 3.0, 10.0)
+NO_CLIP = float(np.finfo(np.float32).max)
+DEFAULT = "percentile_clip()"
+REFERENCE = "c=1"
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """Policies that differ only in one numeric argument of the same factory."""
+
+    name: str
+    make: Callable[[jax.Array, Task], optax.GradientTransformation]
+    variants: dict[str, float]
+
+
+def families() -> list[Family]:
+    fixed = {"no clip": NO_CLIP, **{f"c={c:g}": c for c in FIXED_C}}
+    return [
+        # nonfinite="propagate": a fixed clip then behaves exactly as optax's.
+        Family("fixed", lambda c, task: gc.clip_by_global_norm(c, nonfinite="propagate"), fixed),
+        Family("autoclip", lambda p, task: baselines.autoclip(p, max_steps=task.steps),
+               {"AutoClip p10": 10.0, "AutoClip p90": 90.0}),
+        Family("zclip", lambda p, task: baselines.zclip(), {"ZClip": 0.0}),
+        Family("default", lambda p, task: gc.percentile_clip(), {DEFAULT: 0.0}),
+    ]
+
+
+def _threshold(state: Any) -> jax.Array:
+    """The threshold the clip in ``state`` applied at the last step (inf when none)."""
+    found = [s for s in jax.tree.leaves(state, is_leaf=lambda x: hasattr(x, "threshold")
+                                        and hasattr(x, "_fields"))
+             if hasattr(s, "threshold")]
+    t = found[0].threshold
+    return jnp.where(t >= NO_CLIP, jnp.inf, t)
+
+
+def _train_one(task: Task, family: Family, param, arm: dict[str, jax.Array]):
+    k_init, k_data = jax.random.split(jax.random.key(arm["seed"]))
+    params = task.init(k_init)
+    tx = optax.chain(family.make(param, task), task.optimizer(arm["lr"], arm["momentum"]))
+    opt_state = tx.init(params)
+    spike_steps = jnp.asarray(task.spike_steps or (-1,), jnp.int32)
+
+    def val_loss(p):
+        return jnp.mean(jax.vmap(task.loss, in_axes=(None, 0))(p, task.val_batch))
+
+    def step(carry, t):
+        params, opt_state = carry
+        batch = task.sample(jax.random.fold_in(k_data, t))
+        loss, grads = jax.value_and_grad(lambda p: arm["scale"] * task.loss(p, batch))(params)
+        spike = arm["spikes"] & jnp.any(t == spike_steps)
+        grads = jax.tree.map(lambda g: g * jnp.where(spike, SPIKE_FACTOR, 1.0), grads)
+        norm = gc.global_norm(grads)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return (params, opt_state), (loss / arm["scale"], norm, _threshold(opt_state))
+
+    def chunk(carry, start):
+        carry, logs = jax.lax.scan(step, carry, start + jnp.arange(task.eval_every))
+        return carry, (logs, val_loss(carry[0]))
+
+    starts = jnp.arange(0, task.steps, task.eval_every)
+    _, (logs, vals) = jax.lax.scan(chunk, (params, opt_state), starts)
+    logs = jax.tree.map(lambda x: x.reshape(-1), logs)
+    return (*logs, jnp.concatenate([val_loss(params)[None], vals]))
+
+
+def run_family(task: Task, family: Family) -> dict[str, np.ndarray]:
+    """Trains every (variant, arm) pair of ``task`` with ``family``; arrays (V, A, ...)."""
+    values = jnp.asarray(list(family.variants.values()), jnp.float32)
+    arms = {f.name: jnp.asarray([getattr(a, f.name) for a in task.arms])
+            for f in dataclasses.fields(Arm)}
+    arms["lr"] = arms["lr"].astype(jnp.float32)
+    arms["scale"] = arms["scale"].astype(jnp.float32)
+    arms["momentum"] = arms["momentum"].astype(jnp.float32)
+
+    one = lambda p, a: _train_one(task, family, p, a)  # noqa: E731
+    over_arms = jax.vmap(one, in_axes=(None, 0))
+    train_loss, norm, threshold, val = jax.jit(jax.vmap(over_arms, in_axes=(0, None)))(
+        values, arms)
+    return {"train_loss": np.asarray(train_loss), "grad_norm": np.asarray(norm),
+            "threshold": np.asarray(threshold), "val_loss": np.asarray(val)}
+
+
+def run_task(task: Task, fams: list[Family] | None = None,
+             progress: Callable[[int], Any] | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """Per-policy logs of every arm of ``task``: {policy: {metric: (arms, ...)}}."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for family in fams if fams is not None else families():
+        logs = run_family(task, family)
+        for i, name in enumerate(family.variants):
+            out[name] = {k: v[i] for k, v in logs.items()}
+        if progress is not None:
+            progress(1)
+    return out
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def lost(logs: dict[str, np.ndarray]) -> np.ndarray:
+    """A run is lost when its final validation loss is not finite or above the initial one."""
+    val = logs["val_loss"]
+    return ~np.isfinite(val[:, -1]) | (val[:, -1] > val[:, 0])
+
+
+def final_val(logs: dict[str, np.ndarray]) -> np.ndarray:
+    """Final validation loss of every run; a lost run counts at its initial loss."""
+    val = logs["val_loss"]
+    return np.where(lost(logs), val[:, 0], val[:, -1])
+
+
+SPIKE_WINDOW = 50
+
+
+def loss_spikes(logs: dict[str, np.ndarray], warmup: int) -> np.ndarray:
+    """Per run: steps after warmup whose training loss is over 3x the median of the 50 before.
+
+    A diverged run counts every step from its divergence on (a non-finite loss is a spike).
+    """
+    loss = np.where(np.isfinite(logs["train_loss"]), logs["train_loss"], np.inf)
+    start = max(warmup, SPIKE_WINDOW)
+    if loss.shape[1] <= start:
+        return np.zeros(loss.shape[0])
+    windows = np.lib.stride_tricks.sliding_window_view(loss[:, :-1], SPIKE_WINDOW, axis=1)
+    median = np.median(windows, axis=-1)  # median[:, i] covers steps i .. i + window - 1
+    current = loss[:, SPIKE_WINDOW:]
+    spiking = current > 3.0 * median
+    return spiking[:, start - SPIKE_WINDOW:].sum(axis=1)
+
+
+def scenario_metrics(task: Task, logs: dict[str, dict[str, np.ndarray]],
+                     select: Callable[[Arm], bool]) -> dict[str, Any]:
+    """The judged figures of one scenario (a subset of the task's arms)."""
+    idx = np.array([i for i, a in enumerate(task.arms) if select(a)])
+    arms = [task.arms[i] for i in idx]
+    lrs = sorted({a.lr for a in arms})
+    sub = {p: {k: v[idx] for k, v in m.items()} for p, m in logs.items()}
+    finals = {p: final_val(m) for p, m in sub.items()}
+    mean = {p: float(np.mean(f)) for p, f in finals.items()}
+    fixed = [f"c={c:g}" for c in FIXED_C]
+    best_fixed = min(fixed, key=lambda p: mean[p])
+    per_lr = {p: np.array([np.mean(f[[a.lr == lr for a in arms]]) for lr in lrs])
+              for p, f in finals.items()}
+    best_at_lr = np.min(np.stack(list(per_lr.values())), axis=0)
+    rows = {}
+    for p, m in sub.items():
+        finite = np.isfinite(m["threshold"]) & np.isfinite(m["grad_norm"])
+        clipped = finite & (m["grad_norm"] > m["threshold"])
+        rows[p] = {
+            "lost": int(lost(m).sum()),
+            "runs": len(idx),
+            "final_val_mean": mean[p],
+            "vs_c1": float(np.mean(finals[p] - finals[REFERENCE])),
+            "vs_c1_wins": int(np.sum(finals[p] < finals[REFERENCE])),
+            "vs_best_fixed_pct": 100.0 * (mean[p] - mean[best_fixed]) / mean[best_fixed],
+            "gap_to_best_per_lr": float(np.mean(per_lr[p] - best_at_lr)),
+            "clipped_pct": 100.0 * float(clipped.mean()),
+            "loss_spikes": float(np.mean(loss_spikes(m, task.warmup))),
+        }
+    return {"lrs": lrs, "best_fixed": best_fixed, "rows": rows}

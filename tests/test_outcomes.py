@@ -1,0 +1,146 @@
+"""The outcomes benchmark: its baselines follow their papers, its metrics say what they claim,
+and a tiny end-to-end run writes the table, JSON and plots."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gradclip_jax._cli import main
+from gradclip_jax._cli.outcomes import baselines, harness, tasks
+
+
+def _norms_through(tx, norms):
+    state = tx.init(None)
+    thresholds, outs = [], []
+    for n in norms:
+        out, state = tx.update({"w": jnp.array([n], jnp.float32)}, state)
+        thresholds.append(float(state.threshold))
+        outs.append(float(out["w"][0]))
+    return np.array(thresholds), np.array(outs)
+
+
+def test_autoclip_clips_at_the_percentile_of_every_norm_including_the_current():
+    rng = np.random.default_rng(0)
+    norms = rng.lognormal(0.0, 0.5, size=40)
+    thresholds, outs = _norms_through(baselines.autoclip(10.0, max_steps=64), norms)
+    for t in range(len(norms)):
+        expected = np.percentile(norms[: t + 1], 10)
+        assert thresholds[t] == pytest.approx(expected, rel=1e-5)
+        assert outs[t] == pytest.approx(min(norms[t], expected), rel=1e-5)
+
+
+def _zclip_reference(norms, alpha=0.97, z_thresh=2.5, cap=1.0, eps=1e-6, warmup=25):
+    """The reference implementation's step, in plain Python, for the comparison."""
+    buf, mean, var, out = [], None, None, []
+    for g in norms:
+        if mean is None:
+            buf.append(g)
+            if len(buf) >= warmup:
+                mean = sum(buf) / len(buf)
+                var = sum((x - mean) ** 2 for x in buf) / len(buf)
+            out.append(cap)
+            continue
+        std = var ** 0.5
+        z = (g - mean) / (std + eps)
+        clip = mean + z_thresh * std / (z / z_thresh) if z > z_thresh else None
+        out.append(min(clip, cap) if clip is not None else cap)
+        eff = clip if clip is not None else g
+        mean = alpha * mean + (1 - alpha) * eff
+        var = alpha * var + (1 - alpha) * (eff - mean) ** 2
+    return np.array(out)
+
+
+@pytest.mark.parametrize("cap", [1.0, None])
+def test_zclip_matches_its_reference_step(cap):
+    rng = np.random.default_rng(1)
+    norms = rng.lognormal(0.0, 0.3, size=80) * 0.5
+    norms[[40, 60]] *= 30.0  # outliers, whose threshold shrinks as they grow
+    tx = baselines.zclip(max_grad_norm=cap)
+    thresholds, outs = _norms_through(tx, norms)
+    expected = _zclip_reference(norms, cap=np.inf if cap is None else cap)
+    np.testing.assert_allclose(thresholds, expected, rtol=1e-4)
+    np.testing.assert_allclose(outs, np.minimum(norms, expected), rtol=1e-4)
+    if cap is None:
+        assert thresholds[40] < np.median(norms) * 3  # the spike is cut to the typical scale
+
+
+def _logs(val_first, val_last, train=None):
+    val = np.stack([np.asarray(val_first, float), np.asarray(val_last, float)], axis=1)
+    train = np.ones((len(val_first), 200)) if train is None else train
+    return {"val_loss": val, "train_loss": train, "grad_norm": np.ones_like(train),
+            "threshold": np.full_like(train, np.inf)}
+
+
+def test_a_run_is_lost_when_non_finite_or_worse_than_at_the_start():
+    logs = _logs([5.0, 5.0, 5.0], [np.nan, 5.5, 3.0])
+    assert harness.lost(logs).tolist() == [True, True, False]
+    # A lost run counts at its initial loss, so means stay finite and punish the loss.
+    assert harness.final_val(logs).tolist() == [5.0, 5.0, 3.0]
+
+
+def test_loss_spikes_count_steps_far_above_the_recent_median():
+    train = np.ones((2, 200))
+    train[0, [120, 150]] = 10.0
+    train[1, 180:] = np.nan  # a divergence counts every step from then on
+    spikes = harness.loss_spikes(_logs([1, 1], [1, 1], train), warmup=20)
+    assert spikes.tolist() == [2, 20]
+
+
+def test_scenario_metrics_pair_by_run_and_pick_the_best_fixed_c_in_hindsight():
+    task = tasks.Task(name="t", steps=200, warmup=10, eval_every=100, init=None, loss=None,
+                      sample=None, val_batch=None, optimizer=None,
+                      arms=(tasks.Arm(0.1, 0), tasks.Arm(0.1, 1), tasks.Arm(1.0, 0),
+                            tasks.Arm(1.0, 1)), scenarios=())
+    finals = {"c=0.1": [3.0, 3.0, 4.0, 4.0], "c=0.3": [2.0, 2.0, 2.0, 2.0],
+              "c=1": [2.5, 2.5, 2.5, 2.5], "c=3": [3, 3, 3, 3], "c=10": [4, 4, 4, 4],
+              "no clip": [4, 4, np.nan, 4], harness.DEFAULT: [2.0, 2.0, 2.1, 2.3]}
+    logs = {p: _logs([5.0] * 4, v) for p, v in finals.items()}
+    m = harness.scenario_metrics(task, logs, lambda a: True)
+    assert m["best_fixed"] == "c=0.3" and m["lrs"] == [0.1, 1.0]
+    row = m["rows"][harness.DEFAULT]
+    assert row["vs_c1"] == pytest.approx(np.mean([-0.5, -0.5, -0.4, -0.2]))
+    assert row["vs_c1_wins"] == 4
+    assert row["vs_best_fixed_pct"] == pytest.approx(100 * (2.1 - 2.0) / 2.0)
+    # gap per lr: at 0.1 the best is 2.0 (default and c=0.3 tie), at 1.0 the best is c=0.3's 2.0
+    assert row["gap_to_best_per_lr"] == pytest.approx(np.mean([0.0, 0.2]))
+    assert m["rows"]["no clip"]["lost"] == 1
+
+
+def test_every_policy_of_a_task_trains_on_the_same_initialisation_and_batches():
+    task = tasks.rnn(quick=True)
+    task = tasks.Task(**{**task.__dict__, "steps": 20, "eval_every": 10,
+                         "arms": task.arms[:2]})
+    logs = harness.run_task(task, harness.families())
+    first = {p: m["train_loss"][:, 0] for p, m in logs.items()}
+    ref = first["no clip"]
+    for p, loss in first.items():
+        np.testing.assert_array_equal(loss, ref, err_msg=p)  # step 0 precedes any update
+    assert not np.array_equal(logs["c=0.1"]["train_loss"], logs["no clip"]["train_loss"])
+    assert logs["c=0.1"]["threshold"][0, 0] == pytest.approx(0.1)
+
+
+def test_text_data_is_real_english_available_offline():
+    data = tasks.text_bytes()
+    assert data.size > 400_000
+    assert b" the " in data[:20_000].tobytes()
+
+
+def test_outcomes_command_writes_table_json_and_plots(tmp_path, monkeypatch):
+    real = tasks.rnn
+
+    def tiny_rnn(*, quick):
+        task = real(quick=True)
+        return tasks.Task(**{**task.__dict__, "steps": 60, "eval_every": 30, "warmup": 10})
+
+    monkeypatch.setitem(tasks.TASKS, "rnn", tiny_rnn)
+    out = tmp_path / "out"
+    assert main.main(["outcomes", "--quick", "--task", "rnn", "--out", str(out)]) == 0
+    text = (out / "outcomes.md").read_text()
+    assert "rnn_sgd" in text and "percentile_clip()" in text and "AutoClip p10" in text
+    results = json.loads((out / "outcomes.json").read_text())
+    assert {s["key"] for s in results["scenarios"]} == {"rnn_sgd", "rnn_momentum"}
+    assert (out / "outcomes_rnn_sgd.png").stat().st_size > 10_000
+    assert jax.tree.leaves(results)  # plain JSON values throughout
