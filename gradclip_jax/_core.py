@@ -52,6 +52,8 @@ class ClipState(NamedTuple):
       clip_rate_fast: float32, moving average of "this step was clipped" over ~20 steps.
       clip_rate_slow: float32, the same over ~500 steps.
       histogram: :class:`NormSketch` of the finite unclipped L2 norms.
+      recent: for the percentile clip with a ``window``, a second sketch of the same norms
+        whose counts decay, so it holds about the last ``window`` of them; None otherwise.
     """
 
     count: jax.Array
@@ -62,12 +64,13 @@ class ClipState(NamedTuple):
     clip_rate_fast: jax.Array
     clip_rate_slow: jax.Array
     histogram: NormSketch
+    recent: NormSketch | None = None
 
 
 ThresholdFn = Callable[[ClipState], jax.Array]
 
 
-def init_state(relative_accuracy: float, *, weighted: bool) -> ClipState:
+def init_state(relative_accuracy: float, *, weighted: bool, recent: bool = False) -> ClipState:
     f32 = jnp.float32
     return ClipState(
         count=jnp.zeros((), jnp.int32),
@@ -78,6 +81,7 @@ def init_state(relative_accuracy: float, *, weighted: bool) -> ClipState:
         clip_rate_fast=jnp.zeros((), f32),
         clip_rate_slow=jnp.zeros((), f32),
         histogram=sketch_init(relative_accuracy, weighted=weighted),
+        recent=sketch_init(relative_accuracy, weighted=True) if recent else None,
     )
 
 
@@ -131,6 +135,7 @@ def clip_transformation(
     axis_name: str | Sequence[str] | None = None,
     relative_accuracy: float = 0.01,
     decay: Any = None,
+    recent_decay: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Builds a clip transform from a threshold rule.
 
@@ -146,6 +151,8 @@ def clip_transformation(
         histogram's shape, and ``update`` takes the mapping from the state. (Under
         ``optax.inject_hyperparams`` a later change of the injected value has no effect.)
       decay: per-recorded-norm forgetting factor of the histogram, or None.
+      recent_decay: if not None, the state also keeps ``recent``, a sketch of the same norms
+        with this forgetting factor.
     """
     measure = _norms.norm_kinds(ord) if mode == NORM else (_norms.MAXABS,)
     kinds = (_norms.SUMSQ,) + tuple(k for k in measure if k != _norms.SUMSQ)
@@ -157,7 +164,8 @@ def clip_transformation(
                 "relative_accuracy sets the shape of the norm histogram, so init needs a "
                 "concrete value; call init outside jit or pass it in static_args"
             )
-        return init_state(float(relative_accuracy), weighted=decay is not None)
+        return init_state(float(relative_accuracy), weighted=decay is not None,
+                          recent=recent_decay is not None)
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
@@ -194,6 +202,8 @@ def clip_transformation(
             clip_rate_fast=_moving_average(state.clip_rate_fast, clipped, FAST_RATE, count),
             clip_rate_slow=_moving_average(state.clip_rate_slow, clipped, SLOW_RATE, count),
             histogram=sketch_add(state.histogram, l2, finite, decay),
+            recent=(None if state.recent is None
+                    else sketch_add(state.recent, l2, finite, recent_decay)),
         )
         return new_updates, new_state
 

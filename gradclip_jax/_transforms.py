@@ -22,7 +22,15 @@ from gradclip_jax._validation import (
 ScalarOrSchedule = float | jax.Array | optax.Schedule
 
 MEDIAN_MULTIPLE = 2.0
-"""The percentile clip's threshold is never above this multiple of the median recorded norm."""
+"""Without a window, the percentile clip's threshold is never above this multiple of the
+median recorded norm."""
+
+WINDOW_MEDIAN_MULTIPLE = 4.0
+"""With a window, the threshold is never above this multiple of the whole run's median norm.
+
+Looser than without one: the recent percentile is already robust to a heavy tail, so this cap
+only has to stop a diverging run's norms from carrying the threshold up, while norms that
+grow as training proceeds (measured: a vanilla RNN trained with momentum) are followed."""
 
 MAX_RISE_PER_STEP = 1.05
 """The percentile clip's threshold rises by at most this factor from one step to the next."""
@@ -152,8 +160,9 @@ def clip_by_value(
 
 
 def percentile_clip(
-    percentile: float | jax.Array = 90.0,
+    percentile: float | jax.Array = 35.0,
     *,
+    window: int | None = 20,
     warmup_steps: int = 1,
     max_norm: ScalarOrSchedule | None = None,
     decay: float | jax.Array | None = None,
@@ -162,48 +171,55 @@ def percentile_clip(
     nonfinite: str = "zero",
     axis_name: str | Sequence[str] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    r"""Global-norm clip at a running percentile of the gradient norms seen so far.
+    r"""Global-norm clip at a percentile of the recent gradient norms, with no threshold to pick.
 
-    The state keeps a fixed-size histogram of the unclipped global L2 norms (a DDSketch-style
-    log-bucket sketch: 1,846 buckets at 1% accuracy for norms in 1e-8..1e8, the same size at
-    step 0 and step 10^7). The threshold for step :math:`t` is computed from the norms recorded
-    at steps before :math:`t`:
+    The state keeps fixed-size histograms of the unclipped global L2 norms (DDSketch-style
+    log-bucket sketches: 1,846 buckets at 1% accuracy for norms in 1e-8..1e8, the same size at
+    step 0 and step 10^7): :math:`H`, of every norm of the run, and, with a ``window``,
+    :math:`R`, whose counts decay by :math:`1 - 1/\text{window}` per norm, so it holds about
+    the last ``window`` norms. The threshold for step :math:`t` is computed from the norms
+    recorded before :math:`t`:
 
     .. math::
-        c_t = \min\bigl(Q_p(H_{t-1}),\; 2\,Q_{50}(H_{t-1}),\; 1.05\,c_{t-1},\;
+        c_t = \min\bigl(Q_p(R_{t-1}),\; m\,Q_{50}(H_{t-1}),\; 1.05\,c_{t-1},\;
         \text{max\_norm}\bigr)
 
-    where :math:`Q_p` is the ``percentile``-th percentile of the (optionally decayed) histogram
-    :math:`H`. The update is then rescaled as in :func:`clip_by_global_norm`.
+    where :math:`Q_p` is the ``percentile``-th percentile, and :math:`m = 4` with a window,
+    :math:`m = 2` and :math:`R = H` without one. The update is then rescaled as in
+    :func:`clip_by_global_norm`.
 
-    Why two caps. Recording every unclipped norm and clipping at its running p90 alone
-    ratchets: while a run slides off a cliff its norms grow step after step, soon fill the top
-    10% of the history, and the p90 follows them up. Two bounds stop that:
+    The default, the 35th percentile of about the last 20 norms, was chosen on training
+    runs, not on a heuristic (``gradclip-jax outcomes``: a transformer LM with AdamW, an LSTM
+    LM with Adam, a vanilla RNN with SGD and with momentum, at natural and shifted loss
+    scales, against fixed thresholds, AutoClip and ZClip). It clips about two steps in three,
+    so it acts as a scale-free cap on the update's size, and it follows the norms as they fall
+    early in training, where a threshold over the whole history lags. The percentile was
+    swept from 25 to 90 with windows of 10, 20, 100 and the whole run; 30 to 40 over about 20
+    norms did best. The classic rule, "log the unclipped norm and clip at about its 90th
+    percentile", is ``percentile_clip(90.0, window=None)``: a rarer safety net, which did
+    worse on those runs.
 
-    - the median cannot be moved until the new norms outweigh the whole history: if the
-      history holds weight :math:`W` when norms start to grow, then after :math:`k < W` steps
-      (no decay), whatever the new norms are,
-      :math:`c_{t_0+k} \le 2\,Q^{\text{old}}_{(1/2 + k/2W)}`, twice a quantile of the
+    Two bounds keep the threshold from following a run that diverges:
+
+    - the median of the whole run cannot be moved until the new norms outweigh the history:
+      if the history holds weight :math:`W` when norms start to grow, then after :math:`k < W`
+      steps (no ``decay``), whatever the new norms are,
+      :math:`c_{t_0+k} \le m\,Q^{\text{old}}_{(1/2 + k/2W)}`, a multiple of a quantile of the
       *old* history (with ``decay`` the old weight shrinks by ``decay`` per step, so the
       horizon is about ``1/(1-decay)`` steps);
     - the threshold rises by at most 5% per step, :math:`c_t \le 1.05^k c_{t-k}`: it at most
       doubles in 14 steps, however short the history. This is what protects a run that blows
       up in its first steps, when the history is only a few norms long.
 
-    The median cap also keeps the threshold tight when the history is heavy-tailed, which is
-    what a run near a cliff looks like: a few huge norms (or the large norms of the first
-    steps, which a run without ``decay`` never forgets) inflate the p90, but not the median.
-    A norm more than twice the typical one is always clipped.
-
-    A regime that persists (a real change of scale, or norms that were tiny in the first
-    steps) takes over the median and is followed at up to 5% per step: a thousandfold rise in
-    about 140 steps. With stationary norms whose p90 is below twice their median (log-normal
-    with sigma < 0.54; healthy training is usually well inside this) neither cap is active
-    and about ``100 - percentile`` percent of steps are clipped; with wider norms the
-    threshold is twice the median (24% of steps clipped at sigma = 1).
+    A norm more than :math:`m` times the run's median is always clipped, and a spike cannot
+    raise its own threshold. A regime that persists (a real change of scale, or norms that
+    were tiny in the first steps) takes over the median and is followed at up to 5% per
+    step: a thousandfold rise in about 140 steps; with ``decay`` a slow drift is followed.
 
     Args:
-      percentile: in (0, 100]; the percentile of recorded norms used as the threshold.
+      percentile: in (0, 100]; the percentile of the recent norms used as the threshold.
+      window: >= 1, or None. The number of recent norms (an exponential window) the
+        percentile is taken over; None takes it over the whole histogram :math:`H`.
       warmup_steps: >= 0. Until this many finite norms are recorded there is no adaptive
         threshold (only ``max_norm`` if given; otherwise no clipping). The default, 1, clips
         from the second step on: runs that blow up often do so in their first ten steps, and
@@ -213,14 +229,16 @@ def percentile_clip(
       max_norm: optional hard cap > 0 (float, scalar array or schedule): the threshold is
         never above it, during warmup included.
       decay: in (0, 1], or None (default: keep every norm). Each recorded norm first
-        multiplies the histogram's counts by ``decay``, so it reflects roughly the last
-        ``1/(1-decay)`` norms and the threshold follows a slowly drifting scale.
+        multiplies the counts of :math:`H` by ``decay``, so it reflects roughly the last
+        ``1/(1-decay)`` norms and the median cap follows a slowly drifting scale.
       freeze_after: >= 1, or None. After this many recorded norms (and at least
         ``warmup_steps``) the threshold stays fixed: "log a few hundred steps, then clip at
-        their 90th percentile", automated. The histogram keeps recording.
-      relative_accuracy: in (0, 1); accuracy of the histogram (and its size: halving it
+        their 90th percentile", automated (with ``percentile=90.0, window=None``). The
+        histograms keep recording.
+      relative_accuracy: in (0, 1); accuracy of the histograms (and their size: halving it
         doubles the buckets). It fixes the state's shape at ``init``; under
         ``optax.inject_hyperparams`` it may be injected, but changing it later has no effect.
+        ``window`` may be injected too; whether there is one (None or not) is fixed at init.
       nonfinite: ``"zero"`` (default) or ``"propagate"``, as for :func:`clip_by_global_norm`.
         Non-finite norms are never recorded.
       axis_name: inside ``shard_map``, the mesh axis (or axes) the update is split over.
@@ -230,19 +248,21 @@ def percentile_clip(
 
     Example:
       >>> import jax, jax.numpy as jnp, optax, gradclip_jax
-      >>> tx = gradclip_jax.percentile_clip(90.0, warmup_steps=5)
+      >>> tx = gradclip_jax.percentile_clip(warmup_steps=5)
       >>> state = tx.init(None)
       >>> for norm in [1.0, 1.1, 0.9, 1.0, 1.2]:
       ...     _, state = tx.update({"w": jnp.array([norm])}, state)
       >>> updates, state = tx.update({"w": jnp.array([1000.0])}, state)  # a spike
-      >>> round(float(updates["w"][0]), 1)  # the p90 of the 5 norms seen, to 1%
-      1.1
+      >>> round(float(updates["w"][0]), 2)  # the 35th percentile of the recent norms, to 1%
+      0.99
 
     References:
       Masson, Rim and Lee, "DDSketch: a fast and fully-mergeable quantile sketch with
       relative-error guarantees", VLDB 2019.
     """
     check_range("percentile", percentile, low=0.0, high=100.0, high_open=False)
+    if window is not None:
+        check_int("window", window, low=1)
     check_int("warmup_steps", warmup_steps, low=0)
     if max_norm is not None:
         check_threshold("max_norm", max_norm)
@@ -257,8 +277,13 @@ def percentile_clip(
     def threshold(state: _core.ClipState) -> jax.Array:
         hist = state.histogram
         q = jnp.asarray(percentile, jnp.float32) / 100.0
-        upper, median = sketch_quantile(hist, jnp.stack([q, jnp.float32(0.5)]))
-        adaptive = jnp.minimum(upper, MEDIAN_MULTIPLE * median)
+        if state.recent is None:
+            upper, median = sketch_quantile(hist, jnp.stack([q, jnp.float32(0.5)]))
+        else:
+            upper = sketch_quantile(state.recent, q)
+            median = sketch_quantile(hist, jnp.float32(0.5))
+        multiple = MEDIAN_MULTIPLE if state.recent is None else WINDOW_MEDIAN_MULTIPLE
+        adaptive = jnp.minimum(upper, multiple * median)
         ready = hist.recorded >= jnp.maximum(warmup_steps, 1)
         value = jnp.where(ready, adaptive, _core.NO_THRESHOLD)
         if freeze_after is not None:
@@ -278,5 +303,6 @@ def percentile_clip(
         axis_name=axis_name,
         relative_accuracy=relative_accuracy,
         decay=decay,
+        recent_decay=None if window is None else 1.0 - 1.0 / jnp.maximum(window, 1),
     )
 

@@ -14,29 +14,49 @@ def lognormal(rng, n, sigma=0.5, scale=1.0):
     return scale * np.exp(rng.normal(0.0, sigma, n))
 
 
+def p90_full_history(**kwargs):
+    """The rule as the classic heuristic states it: the p90 of every norm seen so far."""
+    return gc.percentile_clip(90.0, window=None, **kwargs)
+
+
+RULES = {"default": gc.percentile_clip, "p90 full history": p90_full_history}
+"""The properties every configuration must keep, tested on the default and on the p90 rule."""
+
+
 @pytest.mark.parametrize("sigma", [0.1, 0.3, 0.5])
 def test_stationary_lognormal_p90_clips_about_ten_percent(sigma):
     norms = lognormal(np.random.default_rng(1), 4000, sigma)
-    _, _, _, clipped = run_norm_stream(gc.percentile_clip(), norms)
+    _, _, _, clipped = run_norm_stream(p90_full_history(), norms)
     assert 0.06 <= clipped.mean() <= 0.14
+
+
+@pytest.mark.parametrize("sigma", [0.1, 0.3, 0.5])
+def test_stationary_lognormal_default_clips_about_two_in_three_at_a_recent_percentile(sigma):
+    norms = lognormal(np.random.default_rng(1), 4000, sigma)
+    _, _, thresholds, clipped = run_norm_stream(gc.percentile_clip(), norms)
+    assert 0.55 <= clipped[100:].mean() <= 0.75
+    # The threshold is the p35 of about the last `window` norms: it moves with them.
+    assert np.median(thresholds[100:]) == pytest.approx(np.percentile(norms, 35), rel=0.1)
+    assert np.std(np.log(thresholds[100:])) > 0.1 * sigma
 
 
 def test_wide_norms_are_clipped_at_twice_the_median():
     # sigma = 1: the p90 is 3.6x the median, so the median cap sets the threshold.
     norms = lognormal(np.random.default_rng(10), 4000, 1.0)
-    _, _, thresholds, clipped = run_norm_stream(gc.percentile_clip(), norms)
+    _, _, thresholds, clipped = run_norm_stream(p90_full_history(), norms)
     median = np.median(norms[:-1])
     assert thresholds[-1] == pytest.approx(gc.MEDIAN_MULTIPLE * median, rel=0.03)
     expected = np.mean(norms > gc.MEDIAN_MULTIPLE * np.median(norms))  # about 24%
     assert clipped[1000:].mean() == pytest.approx(expected, abs=0.03)
 
 
-def test_sustained_growth_cannot_ratchet_the_threshold():
+@pytest.mark.parametrize("rule", RULES.values(), ids=RULES)
+def test_sustained_growth_cannot_ratchet_the_threshold(rule):
     rng = np.random.default_rng(2)
     stable = lognormal(rng, 500, 0.3)
     growing = lognormal(rng, 300, 0.3) * 1.05 ** np.arange(1, 301)
     norms = np.concatenate([stable, growing])
-    _, outs, thresholds, _ = run_norm_stream(gc.percentile_clip(), norms)
+    _, outs, thresholds, _ = run_norm_stream(rule(), norms)
     before = thresholds[499]
     assert thresholds[-1] <= 8.0 * before
     assert np.all(outs <= thresholds.astype(np.float64) * (1 + 1e-5))
@@ -45,11 +65,12 @@ def test_sustained_growth_cannot_ratchet_the_threshold():
     assert outs[-1] <= 8.0 * before * (1 + 1e-5)
 
 
-def test_slow_drift_is_followed_with_decay():
+@pytest.mark.parametrize("rule", RULES.values(), ids=RULES)
+def test_slow_drift_is_followed_with_decay(rule):
     rng = np.random.default_rng(3)
     n = 20_000
     norms = lognormal(rng, n, 0.3) * 10 ** (np.arange(n) / n)
-    _, _, thresholds, _ = run_norm_stream(gc.percentile_clip(decay=0.999), norms)
+    _, _, thresholds, _ = run_norm_stream(rule(decay=0.999), norms)
     recent_p90 = np.percentile(norms[-1000:], 90)
     assert 0.5 * recent_p90 <= thresholds[-1] <= 2.0 * recent_p90
 
@@ -57,25 +78,32 @@ def test_slow_drift_is_followed_with_decay():
 def test_tiny_first_norms_do_not_lock_the_threshold_low():
     rng = np.random.default_rng(4)
     norms = np.concatenate([lognormal(rng, 100, 0.2, 1e-3), lognormal(rng, 2000, 0.3)])
-    _, _, thresholds, clipped = run_norm_stream(gc.percentile_clip(), norms)
+    _, _, thresholds, clipped = run_norm_stream(p90_full_history(), norms)
     assert clipped.mean() <= 0.20
     assert clipped[-1000:].mean() <= 0.20
     assert thresholds[-1] == pytest.approx(np.percentile(norms[-1000:], 90), rel=0.2)
+    # The default follows the new scale within a few hundred steps (the rise cap, 5% a step,
+    # takes 142 steps for 1000x) and then clips at its recent p35.
+    _, _, thresholds, clipped = run_norm_stream(gc.percentile_clip(), norms)
+    assert 0.55 <= clipped[400:].mean() <= 0.75
+    assert thresholds[-1] == pytest.approx(np.percentile(norms[-1000:], 35), rel=0.3)
 
 
-def test_isolated_spike_is_clipped_and_barely_moves_the_threshold():
+@pytest.mark.parametrize("rule", RULES.values(), ids=RULES)
+def test_isolated_spike_is_clipped_and_barely_moves_the_threshold(rule):
     rng = np.random.default_rng(5)
     norms = lognormal(rng, 600, 0.3)
     norms[500] = 1e6 * np.median(norms)
-    _, outs, thresholds, clipped = run_norm_stream(gc.percentile_clip(), norms)
+    _, outs, thresholds, clipped = run_norm_stream(rule(), norms)
     assert clipped[500]
     assert outs[500] == pytest.approx(thresholds[500], rel=1e-5)
     assert outs[500] <= 1.5 * np.percentile(norms[:500], 90)
     assert abs(thresholds[501] / thresholds[500] - 1) < 0.05
 
 
-def test_current_norm_does_not_raise_its_own_threshold():
-    _, _, thresholds, _ = run_norm_stream(gc.percentile_clip(warmup_steps=3), [1.0, 1.0, 1.0, 50.0])
+@pytest.mark.parametrize("rule", RULES.values(), ids=RULES)
+def test_current_norm_does_not_raise_its_own_threshold(rule):
+    _, _, thresholds, _ = run_norm_stream(rule(warmup_steps=3), [1.0, 1.0, 1.0, 50.0])
     assert thresholds[3] == pytest.approx(1.0, rel=0.011)
 
 
@@ -111,13 +139,13 @@ def test_max_norm_caps_the_adaptive_threshold():
 def test_freeze_after_fixes_the_threshold():
     rng = np.random.default_rng(7)
     norms = np.concatenate([lognormal(rng, 200, 0.3), lognormal(rng, 300, 0.3, 10.0)])
-    state, _, thresholds, _ = run_norm_stream(gc.percentile_clip(freeze_after=200), norms)
+    state, _, thresholds, _ = run_norm_stream(p90_full_history(freeze_after=200), norms)
     frozen = thresholds[200]
     assert frozen == pytest.approx(np.percentile(norms[:200], 90), rel=0.05)
     np.testing.assert_array_equal(thresholds[200:], frozen)
     # The histogram keeps recording after the freeze.
     assert int(state.histogram.recorded) == 500
-    _, _, unfrozen, _ = run_norm_stream(gc.percentile_clip(), norms)
+    _, _, unfrozen, _ = run_norm_stream(p90_full_history(), norms)
     assert unfrozen[-1] > 3 * frozen
 
 
@@ -132,7 +160,8 @@ def test_norm_percentile_reads_the_histogram():
 
 
 def test_traced_percentile_via_inject_hyperparams():
-    tx = optax.inject_hyperparams(gc.percentile_clip)(percentile=90.0, warmup_steps=5)
+    tx = optax.inject_hyperparams(gc.percentile_clip)(percentile=90.0, window=None,
+                                                      warmup_steps=5)
     state = tx.init(None)
     update = jax.jit(tx.update)
     for n in [1.0, 2.0, 3.0, 4.0, 5.0]:
@@ -154,6 +183,7 @@ def test_traced_percentile_via_inject_hyperparams():
     (dict(decay=0.0), "decay must be in"),
     (dict(decay=1.5), "decay must be in"),
     (dict(warmup_steps=-1), "warmup_steps must be an integer >= 0"),
+    (dict(window=0), "window must be an integer >= 1"),
     (dict(freeze_after=0), "freeze_after must be an integer >= 1"),
     (dict(max_norm=0.0), "max_norm must be in"),
     (dict(max_norm=-3.0), "max_norm must be in"),
@@ -167,11 +197,36 @@ def test_percentile_100_and_decay_1_are_valid():
     gc.percentile_clip(100.0, decay=1.0)
 
 
-def test_threshold_rises_at_most_five_percent_per_step():
+@pytest.mark.parametrize("rule", RULES.values(), ids=RULES)
+def test_threshold_rises_at_most_five_percent_per_step(rule):
     rng = np.random.default_rng(9)
     # A run that blows up right after a short warmup: norms grow tenfold per step.
     norms = np.concatenate([lognormal(rng, 3, 0.1), 10.0 ** np.arange(1, 30)])
-    _, outs, thresholds, _ = run_norm_stream(gc.percentile_clip(), norms)
+    _, outs, thresholds, _ = run_norm_stream(rule(), norms)
     t = thresholds[3:].astype(np.float64)
     assert np.all(t[1:] <= t[:-1] * 1.05 * (1 + 1e-6))
     assert outs.max() <= thresholds[3] * 1.05 ** (len(norms) - 4) * (1 + 1e-5)
+
+
+def test_window_threshold_follows_a_change_of_scale_within_the_window():
+    rng = np.random.default_rng(11)
+    norms = np.concatenate([lognormal(rng, 300, 0.3), lognormal(rng, 300, 0.3, 0.1)])
+    _, _, thresholds, _ = run_norm_stream(gc.percentile_clip(50.0, window=20), norms)
+    # A fall is followed at once: 60 steps after a tenfold drop the threshold is the new median.
+    assert thresholds[360] == pytest.approx(np.median(norms[300:]), rel=0.25)
+    # Without a window the median cap is twice the run's median; with one, four times.
+    wide = lognormal(np.random.default_rng(10), 3000, 1.0)
+    _, _, top, _ = run_norm_stream(gc.percentile_clip(100.0, window=20), wide)
+    assert top[1:].max() <= gc._transforms.WINDOW_MEDIAN_MULTIPLE * np.median(wide) * 1.1
+    _, _, slow, _ = run_norm_stream(p90_full_history(), norms)
+    assert slow[360] > 3 * thresholds[360]
+
+
+def test_window_traced_through_inject_hyperparams():
+    tx = optax.inject_hyperparams(gc.percentile_clip)(percentile=50.0, window=20)
+    state = tx.init(None)
+    update = jax.jit(tx.update)
+    for n in [1.0, 1.0, 1.0, 1.0]:
+        _, state = update({"w": jnp.array([n])}, state)
+    out, state = update({"w": jnp.array([100.0])}, state)
+    assert float(out["w"][0]) == pytest.approx(1.0, rel=0.011)
