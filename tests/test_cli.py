@@ -105,7 +105,7 @@ def test_every_shape_set_is_named_and_builds(quick):
     for word in ("odd", "GPT-2", "ResNet-50", "LSTM", "tiny leaves", "leaf", "MLP"):
         assert word in names
     for name, build in sets.items():
-        tree = jax.eval_shape(lambda: build(jnp.bfloat16))
+        tree = jax.eval_shape(lambda b=build: b(jnp.bfloat16))
         leaves = jax.tree.leaves(tree)
         assert leaves and all(x.dtype == jnp.bfloat16 for x in leaves), name
     assert bench.steps_per_run(quick) == 2 * len(sets) + 1

@@ -131,9 +131,11 @@ def run(*, quick: bool, json_path: str | None, progress: Any = None,
         for dtype in DTYPES.values():
             params = build(dtype)
             n = sum(int(x.size) for x in jax.tree.leaves(params))
-            # The cost analysis compiles every variant twice more; skip it for the largest.
+            # The cost analysis compiles every variant twice more; skip it for the largest
+            # trees and for the one with a thousand leaves (XLA compiles ~15 s per program).
+            passes = n <= 40_000_000 and len(jax.tree.leaves(params)) <= 500
             results["trees"].append(bench_tree(name, params, _repeats(n, quick),
-                                               passes=n <= 40_000_000))
+                                               passes=passes))
             del params
             if progress is not None:
                 progress(1)

@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="overhead of each clip transform chained with adam, on every shape set",
         description="Extra gradient passes (XLA cost analysis) and wall-clock ratios of each "
         "clip transform chained with adam, against adam alone and optax's clip, on odd leaf "
-        "lengths, GPT-2, ResNet-50 and LSTM trees, thousands of tiny leaves, one huge leaf "
+        "lengths, GPT-2, ResNet-50 and LSTM trees, a thousand tiny leaves, one huge leaf "
         "and a tiny MLP, in float32 and bfloat16. Ends with the slowest ratio.",
     )
     bench.add_argument("--quick", action="store_true",

@@ -87,8 +87,8 @@ def lstm(dtype: Any, *, vocab: int = 10_000, embed: int = 512, hidden: int = 102
     return _tree(shapes, dtype)
 
 
-def tiny_leaves(dtype: Any, *, n: int = 2000) -> Tree:
-    """Thousands of tiny leaves of mixed odd sizes (biases, scales, scalars)."""
+def tiny_leaves(dtype: Any, *, n: int = 1000) -> Tree:
+    """A thousand tiny leaves of mixed odd sizes (biases, scales, scalars)."""
     sizes = (1, 3, 7, 16, 33, 64)
     return _tree({f"t{i}": (sizes[i % len(sizes)],) for i in range(n)}, dtype)
 
@@ -114,7 +114,7 @@ def shape_sets(*, quick: bool) -> dict[str, Builder]:
             "GPT-2 tree at 1/4 width": lambda dt: gpt2(dt, d=192, layers=4),
             "ResNet-50 tree at 1/4 width": lambda dt: resnet50(dt, width=16),
             "LSTM (hidden 256)": lambda dt: lstm(dt, vocab=2_000, embed=128, hidden=256),
-            "2,000 tiny leaves": tiny_leaves,
+            "1,000 tiny leaves": tiny_leaves,
             "one 10M leaf": lambda dt: one_big_leaf(dt, n=10_000_000),
             "tiny MLP (10k)": tiny_mlp,
         }
@@ -123,7 +123,7 @@ def shape_sets(*, quick: bool) -> dict[str, Builder]:
         "GPT-2 small (124M)": gpt2,
         "ResNet-50 (25.6M)": resnet50,
         "LSTM (2 x 1024, 30M)": lstm,
-        "2,000 tiny leaves": tiny_leaves,
+        "1,000 tiny leaves": tiny_leaves,
         "one 100M leaf": one_big_leaf,
         "tiny MLP (10k)": tiny_mlp,
     }

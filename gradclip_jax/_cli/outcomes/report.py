@@ -13,6 +13,27 @@ COLUMNS = ("lost", "final val loss", "vs c=1 (wins)", "vs best fixed c", "gap to
            "steps clipped", "loss spikes")
 
 
+SUMMARY_POLICIES = ("no clip", "c=0.1", "c=1", "c=10", "AutoClip p10", "AutoClip p90", "ZClip",
+                    DEFAULT)
+
+
+def summary(results: dict[str, Any]) -> str:
+    """One row per scenario: each policy's mean final validation loss relative to the best
+    fixed c in hindsight, with its lost runs."""
+    cols = [p for p in SUMMARY_POLICIES if all(p in sc["rows"] for sc in results["scenarios"])]
+    lines = ["| scenario | best fixed c | " + " | ".join(f"`{p}`" for p in cols) + " |",
+             "|---" * (len(cols) + 2) + "|"]
+    for sc in results["scenarios"]:
+        cells = []
+        for p in cols:
+            r = sc["rows"][p]
+            lost = f", {r['lost']} lost" if r["lost"] else ""
+            text = f"{r['vs_best_fixed_pct']:+.1f}%{lost}"
+            cells.append(f"**{text}**" if p == DEFAULT else text)
+        lines.append(f"| {sc['key']} | {sc['best_fixed']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def markdown(results: dict[str, Any]) -> str:
     lines = [f"Training outcomes ({results['mode']}; jax {results['jax']}, optax "
              f"{results['optax']}, {results['backend']}). Every policy trains on the same "
@@ -23,7 +44,9 @@ def markdown(results: dict[str, Any]) -> str:
              "{0.1, 0.3, 1, 3, 10} for that scenario, chosen in hindsight. *gap to best per "
              "lr*: mean over learning rates of the distance to the best policy at that rate. "
              "*loss spikes*: steps per run whose training loss is 3x the median of the 50 "
-             "before."]
+             "before.", "",
+             "Mean final validation loss relative to the best fixed c in hindsight (lower is "
+             "better), and runs lost:", "", summary(results)]
     for sc in results["scenarios"]:
         lines += ["", f"**{sc['key']}**: {sc['title']}; {sc['runs']} runs per policy "
                   f"({len(sc['lrs'])} learning rates x {sc['runs'] // len(sc['lrs'])} seeds), "
