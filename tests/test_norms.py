@@ -128,3 +128,16 @@ def test_value_clip_and_bfloat16_norms_are_accurate_on_large_leaves(shape):
     bf = jnp.full(shape, 1.1, jnp.bfloat16)
     exact_bf = math.sqrt(bf.size) * float(bf.ravel()[0])
     assert float(gc.global_norm({"w": bf})) == pytest.approx(exact_bf, rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("ord", [1, 2, math.inf])
+def test_zero_size_leaves_count_as_nothing(dtype, ord):
+    tree = {"empty": jnp.zeros((0,), dtype), "empty2d": jnp.zeros((3, 0), dtype),
+            "w": jnp.array([3.0, -4.0], dtype)}
+    expected = {1: 7.0, 2: 5.0, math.inf: 4.0}[ord]
+    assert float(gc.global_norm(tree, ord=ord)) == pytest.approx(expected, rel=1e-2)
+    for tx in (gc.clip_by_global_norm(1.0, ord=ord), gc.clip_by_value(1.0), gc.percentile_clip()):
+        out, state = jax.jit(tx.update)(tree, tx.init(tree))
+        assert out["empty"].shape == (0,) and out["empty2d"].shape == (3, 0)
+        assert float(state.grad_norm) == pytest.approx(5.0, rel=1e-2)
