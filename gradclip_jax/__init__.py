@@ -6,35 +6,42 @@ Three optax transformations share one clipping core:
 - :func:`clip_by_value` clips each coordinate;
 - :func:`percentile_clip` clips at a running percentile of the recorded gradient norms.
 
-Every one records diagnostics in its state, read with :func:`stats`, :func:`norm_percentile`
-and :func:`diagnose`. :func:`global_norm` is the float32-safe, sharding-aware norm they use.
+Every one records diagnostics in its state (:class:`ClipState`), read with :func:`stats`,
+:func:`host_stats`, :func:`log_stats`, :func:`norm_percentile` and :func:`diagnose`.
+:func:`global_norm` is the float32-safe, sharding-aware norm they use.
 """
 
-from gradclip_jax._core import ClipState
-from gradclip_jax._diagnostics import Finding, diagnose, find_clip_states, norm_percentile, stats
-from gradclip_jax._mapping import LogMapping
-from gradclip_jax._norms import global_norm
-from gradclip_jax._sketch import NormSketch
-from gradclip_jax._transforms import (
-    MEDIAN_MULTIPLE,
-    clip_by_global_norm,
-    clip_by_value,
-    percentile_clip,
-)
+from importlib import metadata as _metadata
 
-__version__ = "0.1.0"
+from gradclip_jax._core import ClipState
+from gradclip_jax._diagnostics import (
+    Finding,
+    diagnose,
+    find_clip_states,
+    host_stats,
+    log_stats,
+    norm_percentile,
+    stats,
+)
+from gradclip_jax._fixed import clip_by_global_norm, clip_by_value
+from gradclip_jax._norms import global_norm
+from gradclip_jax._percentile import percentile_clip
+
+try:
+    __version__ = _metadata.version("gradclip-jax")
+except _metadata.PackageNotFoundError:  # imported from a source tree that is not installed
+    __version__ = "0.0.0+unknown"
 
 __all__ = [
-    "MEDIAN_MULTIPLE",
     "ClipState",
     "Finding",
-    "LogMapping",
-    "NormSketch",
     "clip_by_global_norm",
     "clip_by_value",
     "diagnose",
     "find_clip_states",
     "global_norm",
+    "host_stats",
+    "log_stats",
     "norm_percentile",
     "percentile_clip",
     "stats",

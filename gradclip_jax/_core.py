@@ -1,16 +1,22 @@
 """The one clipping core that every transform in gradclip_jax runs.
 
-A transform differs from the others only in how it picks its threshold (a fixed value or
-schedule, or a percentile of the recorded norms) and in how it applies it (rescale the whole
-update, or clip each coordinate). Everything else happens here, once:
+A transform is two small typed parts handed to :func:`clip_transformation`:
 
-1. measure the update in a single read: the sum of squares (for the L2 norm that diagnostics
+- a :class:`ThresholdRule`, how the threshold for this step is chosen from the state (a fixed
+  value or schedule in ``_fixed``, a percentile of the recorded norms in ``_percentile``);
+- an :class:`Apply`, how the threshold is applied to the update (rescale the whole update to
+  a norm, or clip each coordinate, in ``_apply``).
+
+Everything else happens here, once, whatever the parts:
+
+1. check the update's leaves (floating or complex, nothing else);
+2. measure the update in a single read: the sum of squares (for the L2 norm that diagnostics
    record and the non-finite check) plus, when needed, the measure the threshold is compared
    with;
-2. decide whether the step is finite;
-3. apply the threshold, or handle the non-finite update (``"zero"`` or ``"propagate"``);
-4. record diagnostics: the L2 norm into the histogram, step / clip / non-finite counters and
-   fast and slow moving averages of the clip rate.
+3. decide whether the step is finite;
+4. apply the threshold, or handle the non-finite update (``"zero"`` or ``"propagate"``);
+5. record diagnostics: the L2 norm into the histogram(s), step / clip / non-finite counters
+   and moving averages of the clip rate over about 20 and 500 steps.
 
 The state never takes a NaN or an Inf: non-finite norms are not recorded, and "no threshold"
 is stored as float32's largest finite value.
@@ -18,8 +24,10 @@ is stored as float32's largest finite value.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+import abc
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple, TypeAlias, Union
 
 import jax
 import jax.numpy as jnp
@@ -30,14 +38,22 @@ from gradclip_jax import _norms
 from gradclip_jax._sketch import NormSketch, sketch_add, sketch_init
 from gradclip_jax._validation import is_traced
 
+ScalarOrSchedule: TypeAlias = Union[float, jax.Array, optax.Schedule]  # noqa: UP007
+"""A threshold: a Python float, a scalar array, or an optax schedule of the step count."""
+
 NO_THRESHOLD = float(jnp.finfo(jnp.float32).max)
 """Stored as the threshold when none applies (no clipping); ``stats`` reports it as inf."""
 
-FAST_RATE = 1.0 / 20.0
-SLOW_RATE = 1.0 / 500.0
+RECENT_RATE = 1.0 / 20.0
+LONG_RATE = 1.0 / 500.0
 
-NORM = "norm"
-VALUE = "value"
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class ClipName:
+    """The name a clip transform was given, kept in its state as static data (no array)."""
+
+    value: str | None = None
 
 
 class ClipState(NamedTuple):
@@ -49,28 +65,80 @@ class ClipState(NamedTuple):
       grad_norm: float32, global L2 norm of the last finite unclipped update.
       clipped_steps: int32, steps on which the update was changed by the threshold.
       nonfinite_steps: int32, steps whose update held a NaN or an Inf.
-      clip_rate_fast: float32, moving average of "this step was clipped" over ~20 steps.
-      clip_rate_slow: float32, the same over ~500 steps.
-      histogram: :class:`NormSketch` of the finite unclipped L2 norms.
+      clip_rate_recent: float32, moving average of "this step was clipped" over ~20 steps.
+      clip_rate_long: float32, the same over ~500 steps.
+      histogram: the sketch (a fixed-size histogram) of the finite unclipped L2 norms.
       recent: for the percentile clip with a ``window``, a second sketch of the same norms
         whose counts decay, so it holds about the last ``window`` of them; None otherwise.
+      name: static (no array): the ``name`` the transform was given, which prefixes its
+        :func:`gradclip_jax.stats` keys.
     """
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # optax's name; shadows tuple.count
     threshold: jax.Array
     grad_norm: jax.Array
     clipped_steps: jax.Array
     nonfinite_steps: jax.Array
-    clip_rate_fast: jax.Array
-    clip_rate_slow: jax.Array
+    clip_rate_recent: jax.Array
+    clip_rate_long: jax.Array
     histogram: NormSketch
     recent: NormSketch | None = None
+    name: ClipName = ClipName()
 
 
-ThresholdFn = Callable[[ClipState], jax.Array]
+class ThresholdRule(abc.ABC):
+    """How a clip transform chooses its threshold.
+
+    ``threshold`` maps the state before this step to this step's float32 threshold
+    (``NO_THRESHOLD`` for none); it sees only the norms recorded before the current one. A
+    rule that reads the histograms may ask for forgetting: ``histogram_decay`` for the
+    histogram of the whole run, and ``recent_decay`` (not None) for a second sketch,
+    ``ClipState.recent``.
+    """
+
+    @abc.abstractmethod
+    def threshold(self, state: ClipState) -> jax.Array:
+        """This step's threshold, from the state before it."""
+
+    def histogram_decay(self) -> Any:
+        """Forgetting factor per recorded norm of ``ClipState.histogram``; None keeps all."""
+        return None
+
+    def recent_decay(self) -> Any:
+        """Forgetting factor of ``ClipState.recent``; None: no such sketch is kept."""
+        return None
 
 
-def init_state(relative_accuracy: float, *, weighted: bool, recent: bool = False) -> ClipState:
+class Apply(abc.ABC):
+    """How a clip transform applies its threshold to the update.
+
+    The core measures the update once, for every measure in ``kinds`` (see ``_norms``), and
+    a step is clipped when ``measure(...)`` exceeds the threshold. ``factor`` turns the
+    threshold into the one scalar that ``leaf`` applies to each leaf of a clipped step.
+    """
+
+    kinds: tuple[str, ...] = ()
+
+    @abc.abstractmethod
+    def measure(self, measures: Mapping[str, jax.Array]) -> jax.Array:
+        """The value compared with the threshold."""
+
+    @abc.abstractmethod
+    def factor(self, threshold: jax.Array, measured: jax.Array) -> jax.Array:
+        """The scalar handed to ``leaf`` on a clipped step."""
+
+    @abc.abstractmethod
+    def leaf(self, g: jax.Array, factor: jax.Array) -> jax.Array:
+        """One leaf of a clipped step, in the leaf's dtype."""
+
+    def check_leaf(self, path: str, dtype: Any) -> None:
+        """Raises for a leaf dtype this part cannot apply to (called while tracing)."""
+        del path, dtype
+
+
+def init_state(
+    relative_accuracy: float, *, weighted: bool, recent: bool = False, name: str | None = None
+) -> ClipState:
     f32 = jnp.float32
     return ClipState(
         count=jnp.zeros((), jnp.int32),
@@ -78,10 +146,11 @@ def init_state(relative_accuracy: float, *, weighted: bool, recent: bool = False
         grad_norm=jnp.zeros((), f32),
         clipped_steps=jnp.zeros((), jnp.int32),
         nonfinite_steps=jnp.zeros((), jnp.int32),
-        clip_rate_fast=jnp.zeros((), f32),
-        clip_rate_slow=jnp.zeros((), f32),
+        clip_rate_recent=jnp.zeros((), f32),
+        clip_rate_long=jnp.zeros((), f32),
         histogram=sketch_init(relative_accuracy, weighted=weighted),
         recent=sketch_init(relative_accuracy, weighted=True) if recent else None,
+        name=ClipName(name),
     )
 
 
@@ -90,24 +159,6 @@ def _moving_average(avg: jax.Array, x: jax.Array, rate: float, count: jax.Array)
     # warms up instead of a bias towards the initial zero.
     step_rate = jnp.maximum(jnp.float32(rate), 1.0 / count.astype(jnp.float32))
     return avg + step_rate * (x.astype(jnp.float32) - avg)
-
-
-def _scale_leaf(g: jax.Array, scale: jax.Array) -> jax.Array:
-    # Multiply in at least float32 and round once, so bfloat16/float16 updates are scaled as
-    # accurately as their dtype allows.
-    wide = jnp.promote_types(g.dtype, jnp.float32)
-    return (g.astype(wide) * scale.astype(wide)).astype(g.dtype)
-
-
-def _clip_leaf(g: jax.Array, limit: jax.Array) -> jax.Array:
-    # Coordinates within the limit are selected, not passed through clip, so they come back
-    # bit for bit (subnormals included). Comparisons rather than abs(g): an abs here would be
-    # shared with the norm's reduction, and XLA would then write it out and read it back.
-    wide = jnp.promote_types(g.dtype, jnp.float32)
-    limit = limit.astype(wide)
-    x = g.astype(wide)
-    bounded = jnp.clip(x, -limit, limit).astype(g.dtype)
-    return jnp.where((x > limit) | (x < -limit), bounded, g)
 
 
 def _computed_once(scale: jax.Array, clipped: jax.Array, finite: jax.Array):
@@ -126,36 +177,52 @@ def _computed_once(scale: jax.Array, clipped: jax.Array, finite: jax.Array):
     return once[0], once[1] > 0, once[2] > 0
 
 
+def check_update_leaves(updates: Any, apply: Apply) -> None:
+    """Raises TypeError, naming the leaf, for an update leaf that is not floating or complex.
+
+    optax's clips raise for integer leaves too; an integer update cannot be rescaled, and
+    silently rounding it (to zero, for a small threshold) would hide a bug in the caller.
+    """
+    for path, leaf in jax.tree_util.tree_flatten_with_path(updates)[0]:
+        dtype = jnp.result_type(leaf)
+        where = jax.tree_util.keystr(path) or "the update"
+        if not (jnp.issubdtype(dtype, jnp.floating)
+                or jnp.issubdtype(dtype, jnp.complexfloating)):
+            raise TypeError(
+                f"gradclip_jax clips floating-point (or complex) updates; leaf {where} has "
+                f"dtype {dtype}. Pass gradients of float parameters only (for example with "
+                "optax.masked or by filtering the parameter tree)."
+            )
+        apply.check_leaf(where, dtype)
+
+
 def clip_transformation(
-    threshold_fn: ThresholdFn,
+    rule: ThresholdRule,
+    apply: Apply,
     *,
-    mode: str,
-    ord: float = 2,
     nonfinite: str = "zero",
     axis_name: str | Sequence[str] | None = None,
-    relative_accuracy: float = 0.01,
-    decay: Any = None,
-    recent_decay: Any = None,
+    relative_accuracy: Any = 0.01,
+    name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-    """Builds a clip transform from a threshold rule.
+    """Builds a clip transform from a threshold rule and an apply part.
 
     Args:
-      threshold_fn: maps the state before this step to the float32 threshold for this step
-        (``NO_THRESHOLD`` for none). It sees the norms recorded before the current one.
-      mode: ``NORM`` rescales the whole update when its ``ord``-norm exceeds the threshold;
-        ``VALUE`` clips each coordinate to [-threshold, threshold].
-      ord: the norm compared with the threshold in ``NORM`` mode.
+      rule: a :class:`ThresholdRule`.
+      apply: an :class:`Apply`.
       nonfinite: ``"zero"`` or ``"propagate"``.
       axis_name: mesh axes the update is split over inside ``shard_map``.
       relative_accuracy: accuracy of the norm histogram, read by ``init`` only: it fixes the
         histogram's shape, and ``update`` takes the mapping from the state. (Under
         ``optax.inject_hyperparams`` a later change of the injected value has no effect.)
-      decay: per-recorded-norm forgetting factor of the histogram, or None.
-      recent_decay: if not None, the state also keeps ``recent``, a sketch of the same norms
-        with this forgetting factor.
+      name: the transform's name, kept in the state (prefixes its ``stats`` keys).
     """
-    measure = _norms.norm_kinds(ord) if mode == NORM else (_norms.MAXABS,)
-    kinds = (_norms.SUMSQ,) + tuple(k for k in measure if k != _norms.SUMSQ)
+    if not isinstance(rule, ThresholdRule):
+        raise TypeError(f"rule must be a ThresholdRule, got {type(rule).__name__} {rule!r}")
+    if not isinstance(apply, Apply):
+        raise TypeError(f"apply must be an Apply part, got {type(apply).__name__} {apply!r}")
+    kinds = (_norms.SUMSQ,) + tuple(k for k in apply.kinds if k != _norms.SUMSQ)
+    decay, recent_decay = rule.histogram_decay(), rule.recent_decay()
 
     def init_fn(params):
         del params
@@ -165,27 +232,23 @@ def clip_transformation(
                 "concrete value; call init outside jit or pass it in static_args"
             )
         return init_state(float(relative_accuracy), weighted=decay is not None,
-                          recent=recent_decay is not None)
+                          recent=recent_decay is not None, name=name)
 
     def update_fn(updates, state, params=None, **extra_args):
         del params, extra_args
-        threshold = jnp.asarray(threshold_fn(state), jnp.float32)
+        check_update_leaves(updates, apply)
+        threshold = jnp.asarray(rule.threshold(state), jnp.float32)
         measures = _norms.reduce_tree(updates, kinds, axis_name)
         l2 = _norms.l2_from(measures).astype(jnp.float32)
         finite = jnp.isfinite(l2)
-        measured = _norms.norm_from(measures, ord) if mode == NORM else measures[_norms.MAXABS]
+        measured = apply.measure(measures)
         clipped = finite & (measured > threshold)
-
-        scale = jnp.where(clipped, threshold / measured, 1.0) if mode == NORM else threshold
-        scale, clipped, finite = _computed_once(scale, clipped, finite)
-        if mode == NORM:
-            apply = lambda g: _scale_leaf(g, scale)  # noqa: E731
-        else:
-            apply = lambda g: _clip_leaf(g, scale)  # noqa: E731
+        scale, clipped, finite = _computed_once(
+            apply.factor(threshold, measured), clipped, finite)
         # Selecting g itself when nothing is clipped returns it bit for bit (multiplying by 1
         # would not: XLA flushes subnormals to zero on CPU), and returns a non-finite update
         # untouched under nonfinite="propagate" (clipped is False when not finite).
-        kept = lambda g: jnp.where(clipped, apply(g), g)  # noqa: E731
+        kept = lambda g: jnp.where(clipped, apply.leaf(g, scale), g)  # noqa: E731
         if nonfinite == "zero":
             out = lambda g: jnp.where(finite, kept(g), jnp.zeros_like(g))  # noqa: E731
         else:
@@ -199,11 +262,13 @@ def clip_transformation(
             grad_norm=jnp.where(finite, l2, state.grad_norm),
             clipped_steps=state.clipped_steps + clipped.astype(jnp.int32),
             nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
-            clip_rate_fast=_moving_average(state.clip_rate_fast, clipped, FAST_RATE, count),
-            clip_rate_slow=_moving_average(state.clip_rate_slow, clipped, SLOW_RATE, count),
+            clip_rate_recent=_moving_average(state.clip_rate_recent, clipped, RECENT_RATE,
+                                             count),
+            clip_rate_long=_moving_average(state.clip_rate_long, clipped, LONG_RATE, count),
             histogram=sketch_add(state.histogram, l2, finite, decay),
             recent=(None if state.recent is None
                     else sketch_add(state.recent, l2, finite, recent_decay)),
+            name=state.name,
         )
         return new_updates, new_state
 

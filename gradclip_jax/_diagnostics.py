@@ -12,10 +12,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gradclip_jax._core import NO_THRESHOLD, ClipState
 from gradclip_jax._sketch import NormSketch, sketch_quantile
-from gradclip_jax._validation import check_range
+from gradclip_jax._validation import check_range, warn_if_quantile
 
 # diagnose's rules; the rates are those kept in ClipState.
 RECENT_MOSTLY = 0.5  # fast clip rate above which "most recent steps" are clipped
@@ -24,27 +25,32 @@ NEAR_ZERO = 0.02  # fast clip rate that counts as "has dropped to near zero"
 WAS_STABLE = 0.25  # slow clip rate under which the run was stable before a burst
 EARLY_STEPS = 100  # before this many steps, frequent clipping is early-training behaviour
 
+FEW_STEPS = 20  # under this many steps, too few to judge the threshold
+_OPTIMIZER_STATES = ("ScaleBy", "TraceState", "FactoredState")  # optax states of optimizers
+
 
 def _leaf(x: Any) -> jax.Array:
     """The array inside ``x``, unwrapping containers such as Flax NNX variables."""
     leaves = jax.tree.leaves(x)
     if len(leaves) != 1:
         raise TypeError(f"expected a single array in a clip state field, got {x!r}")
-    return jnp.asarray(leaves[0])
+    leaf = leaves[0]
+    return leaf if isinstance(leaf, jax.core.Tracer) else jnp.asarray(leaf)
 
 
-def _plain_sketch(sketch: NormSketch | None) -> NormSketch | None:
-    if sketch is None:
-        return None
+def _plain_sketch(sketch: NormSketch) -> NormSketch:
     return NormSketch(counts=_leaf(sketch.counts), recorded=_leaf(sketch.recorded),
                       relative_accuracy=sketch.relative_accuracy)
 
 
+_ARRAY_FIELDS = tuple(f for f in ClipState._fields if f not in ("histogram", "recent", "name"))
+
+
 def _plain(state: ClipState) -> ClipState:
-    sketches = ("histogram", "recent")
-    fields = {f: _leaf(getattr(state, f)) for f in ClipState._fields if f not in sketches}
+    fields = {f: _leaf(getattr(state, f)) for f in _ARRAY_FIELDS}
     return ClipState(**fields, histogram=_plain_sketch(state.histogram),
-                     recent=_plain_sketch(state.recent))
+                     recent=None if state.recent is None else _plain_sketch(state.recent),
+                     name=state.name)
 
 
 def _key_name(key: Any) -> str:
@@ -54,38 +60,90 @@ def _key_name(key: Any) -> str:
     return str(key)
 
 
-def find_clip_states(opt_state: Any) -> dict[str, ClipState]:
-    """Every gradclip_jax state inside ``opt_state``, keyed by its path ("" when alone).
+def _is_optimizer_state(x: Any) -> bool:
+    cls = type(x)
+    return cls.__module__.startswith("optax") and cls.__name__.startswith(_OPTIMIZER_STATES)
 
-    Paths join the keys that lead to each state with "/" (``"0"`` for the first element of a
-    chain, ``"clip"`` for a ``named_chain`` entry, ``"inner_state/0"`` inside
-    ``inject_hyperparams``).
+
+def _is_node(x: Any) -> bool:
+    return isinstance(x, ClipState) or _is_optimizer_state(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Found:
+    path: str
+    state: ClipState
+    after: str | None  # an optimizer state that precedes the clip in the same chain
+
+
+def _locate(opt_state: Any) -> list[_Found]:
+    nodes = jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=_is_node)[0]
+    found = []
+    for i, (path, node) in enumerate(nodes):
+        if not isinstance(node, ClipState):
+            continue
+        after = None
+        for other_path, other in nodes[:i]:
+            if not _is_optimizer_state(other):
+                continue
+            # Siblings in a chain: the paths part at a tuple index, the optimizer's first.
+            n = 0
+            while n < min(len(path), len(other_path)) and path[n] == other_path[n]:
+                n += 1
+            if n < len(path) and isinstance(path[n], jax.tree_util.SequenceKey):
+                after = type(other).__name__
+        found.append(_Found("/".join(_key_name(k) for k in path), _plain(node), after))
+    return found
+
+
+def _keyed(found: list[_Found], opt_state: Any, *, required: bool = True) -> dict[str, _Found]:
+    if not found and required:
+        raise ValueError(
+            f"no gradclip_jax clip state found in opt_state (a {type(opt_state).__name__}); "
+            "pass the state of an optax transformation that contains a gradclip_jax clip"
+        )
+    keyed: dict[str, _Found] = {}
+    for f in found:
+        key = f.state.name.value or ""
+        if key in keyed:
+            what = f"named {key!r}" if key else "with no name"
+            raise ValueError(
+                f"opt_state holds several clip transforms {what} (at paths "
+                f"{keyed[key].path!r} and {f.path!r}); give each a distinct name, for "
+                "example clip_by_global_norm(1.0, name='guard'), so that stats() keys stay "
+                "the same whatever the chain's shape"
+            )
+        keyed[key] = f
+    return keyed
+
+
+def find_clip_states(opt_state: Any) -> dict[str, ClipState]:
+    """Every gradclip_jax state inside ``opt_state``, keyed by the name its transform was given.
+
+    The key is the transform's ``name`` ("" for the one unnamed transform), never its place
+    in the chain, so it does not change when transforms are added, removed or wrapped. Several
+    unnamed transforms (or two with the same name) raise a ``ValueError`` that says so; a
+    state without any gradclip_jax transform gives ``{}`` (the readers, :func:`stats`,
+    :func:`norm_percentile` and :func:`diagnose`, raise for it instead).
 
     Example:
       >>> import optax, gradclip_jax
-      >>> tx = optax.named_chain(("clip", gradclip_jax.clip_by_value(1.0)),
-      ...                        ("guard", gradclip_jax.clip_by_global_norm(5.0)),
-      ...                        ("sgd", optax.sgd(0.1)))
+      >>> tx = optax.chain(gradclip_jax.clip_by_value(1.0, name="value"),
+      ...                  gradclip_jax.clip_by_global_norm(5.0, name="guard"),
+      ...                  optax.sgd(0.1))
       >>> sorted(gradclip_jax.find_clip_states(tx.init(None)))
-      ['clip', 'guard']
+      ['guard', 'value']
     """
-    found = jax.tree_util.tree_flatten_with_path(
-        opt_state, is_leaf=lambda x: isinstance(x, ClipState)
-    )[0]
-    states = {
-        "/".join(_key_name(k) for k in path): _plain(leaf)
-        for path, leaf in found
-        if isinstance(leaf, ClipState)
-    }
-    if len(states) == 1:
-        return {"": next(iter(states.values()))}
-    return states
+    found = _keyed(_locate(opt_state), opt_state, required=False)
+    return {k: f.state for k, f in found.items()}
+
+
+def _states(opt_state: Any) -> dict[str, ClipState]:
+    return {k: f.state for k, f in _keyed(_locate(opt_state), opt_state).items()}
 
 
 def _one_state(opt_state: Any, which: str | None) -> tuple[str, ClipState]:
-    states = find_clip_states(opt_state)
-    if not states:
-        raise ValueError("no gradclip_jax clip state found in opt_state")
+    states = _states(opt_state)
     if which is None:
         if len(states) > 1:
             raise ValueError(
@@ -97,44 +155,109 @@ def _one_state(opt_state: Any, which: str | None) -> tuple[str, ClipState]:
     return which, states[which]
 
 
+STATS_KEYS = ("count", "threshold", "grad_norm", "clipped_steps", "nonfinite_steps",
+              "clip_rate_recent", "clip_rate_long", "clip_fraction")
+"""The keys of :func:`stats` for one clip: the state's fields, then ``clip_fraction``."""
+
+
 def stats(opt_state: Any) -> dict[str, jax.Array]:
-    """Diagnostics of every clip transform in ``opt_state`` as a flat dict of arrays.
+    """Diagnostics of every clip transform in ``opt_state`` as a flat dict of scalar arrays.
 
-    Keys (prefixed ``"<path>/"`` when the state holds several clip transforms):
+    Keys are the :class:`ClipState` field of the same name, plus one derived value:
 
-    - ``grad_norm``: global L2 norm of the last finite unclipped update (float32);
+    - ``count``, ``clipped_steps``, ``nonfinite_steps``: int32 counters;
     - ``threshold``: the threshold applied at the last step (inf when none applied);
-    - ``steps``, ``clipped_steps``, ``nonfinite_steps``: int32 counters;
-    - ``clip_fraction``: ``clipped_steps / steps``;
+    - ``grad_norm``: global L2 norm of the last finite unclipped update (float32);
     - ``clip_rate_recent`` / ``clip_rate_long``: moving averages of the clip indicator over
-      about 20 and 500 steps.
+      about 20 and 500 steps;
+    - ``clip_fraction``: ``clipped_steps / count``.
 
-    Works inside ``jit`` (values are arrays). Log them every N steps: the unclipped norm and
-    the clip rate are what tell a safety net from a learning-rate cap.
+    A transform given a ``name`` has its keys prefixed ``"<name>/"``; the one unnamed
+    transform has plain keys. Keys depend only on the names, so adding, removing or wrapping
+    other transforms never changes them. Raises ``ValueError`` when ``opt_state`` holds no
+    clip transform, or several unnamed ones.
+
+    Works inside ``jit`` (values are arrays); :func:`host_stats` and :func:`log_stats` bring
+    them to the host as Python numbers in one transfer.
 
     Example:
       >>> import jax.numpy as jnp, optax, gradclip_jax
       >>> tx = optax.chain(gradclip_jax.clip_by_global_norm(1.0), optax.adam(1e-3))
       >>> state = tx.init({"w": jnp.zeros(2)})
       >>> _, state = tx.update({"w": jnp.array([3.0, 4.0])}, state)
-      >>> {k: float(v) for k, v in gradclip_jax.stats(state).items()}["clip_fraction"]
+      >>> float(gradclip_jax.stats(state)["clip_fraction"])
       1.0
     """
     out: dict[str, jax.Array] = {}
-    for name, s in find_clip_states(opt_state).items():
+    for name, s in _states(opt_state).items():
         prefix = f"{name}/" if name else ""
-        steps = s.count
         out.update({
-            f"{prefix}grad_norm": s.grad_norm,
+            f"{prefix}count": s.count,
             f"{prefix}threshold": jnp.where(s.threshold >= NO_THRESHOLD, jnp.inf, s.threshold),
-            f"{prefix}steps": steps,
+            f"{prefix}grad_norm": s.grad_norm,
             f"{prefix}clipped_steps": s.clipped_steps,
             f"{prefix}nonfinite_steps": s.nonfinite_steps,
-            f"{prefix}clip_fraction": s.clipped_steps / jnp.maximum(steps, 1).astype(jnp.float32),
-            f"{prefix}clip_rate_recent": s.clip_rate_fast,
-            f"{prefix}clip_rate_long": s.clip_rate_slow,
+            f"{prefix}clip_rate_recent": s.clip_rate_recent,
+            f"{prefix}clip_rate_long": s.clip_rate_long,
+            f"{prefix}clip_fraction":
+                s.clipped_steps / jnp.maximum(s.count, 1).astype(jnp.float32),
         })
     return out
+
+
+def host_stats(opt_state: Any) -> dict[str, float | int]:
+    """:func:`stats` as Python numbers, brought to the host in one transfer.
+
+    Counters are ``int``, the rest ``float``. Call it outside ``jit``, every N steps.
+
+    Example:
+      >>> import jax.numpy as jnp, gradclip_jax
+      >>> tx = gradclip_jax.clip_by_global_norm(1.0)
+      >>> _, state = tx.update({"w": jnp.array([3.0, 4.0])}, tx.init(None))
+      >>> s = gradclip_jax.host_stats(state)
+      >>> s["grad_norm"], s["count"]
+      (5.0, 1)
+    """
+    arrays = stats(opt_state)
+    values = jax.device_get(arrays)
+    return {k: int(values[k]) if np.issubdtype(np.asarray(values[k]).dtype, np.integer)
+            else float(values[k]) for k in arrays}
+
+
+def log_stats(opt_state: Any, writer: Any, *, step: int | None = None) -> dict[str, float | int]:
+    """Logs :func:`stats` to ``writer`` in one host transfer, and returns them.
+
+    ``writer`` may be:
+
+    - a clu metric writer (``clu.metric_writers``): ``writer.write_scalars(step, values)``;
+    - a TensorBoard writer (``tensorboardX.SummaryWriter`` or torch's):
+      ``writer.add_scalar(key, value, step)`` for each key;
+    - any callable (``print``, ``wandb.log``, a list's ``append``): ``writer(values)``, with
+      ``values["step"] = step`` when ``step`` is given.
+
+    Example:
+      >>> import jax.numpy as jnp, gradclip_jax
+      >>> tx = gradclip_jax.clip_by_global_norm(1.0)
+      >>> _, state = tx.update({"w": jnp.array([3.0, 4.0])}, tx.init(None))
+      >>> logged = []
+      >>> _ = gradclip_jax.log_stats(state, logged.append, step=1)
+      >>> logged[0]["grad_norm"], logged[0]["step"]
+      (5.0, 1)
+    """
+    values = host_stats(opt_state)
+    if hasattr(writer, "write_scalars"):
+        writer.write_scalars(0 if step is None else step, values)
+    elif hasattr(writer, "add_scalar"):
+        for key, value in values.items():
+            writer.add_scalar(key, value, step)
+    elif callable(writer):
+        writer(values if step is None else {**values, "step": step})
+    else:
+        raise TypeError(
+            "writer must have write_scalars (clu), add_scalar (TensorBoard) or be callable, "
+            f"got {type(writer).__name__}"
+        )
+    return values
 
 
 def norm_percentile(
@@ -165,6 +288,7 @@ def norm_percentile(
       True
     """
     check_range("percentile", percentile, low=0.0, high=100.0, low_open=False, high_open=False)
+    warn_if_quantile("percentile", percentile, stacklevel=3)
     _, state = _one_state(opt_state, which)
     return sketch_quantile(state.histogram, jnp.asarray(percentile, jnp.float32) / 100.0)
 
@@ -184,16 +308,25 @@ class Finding:
     clip: str = ""
 
 
-def _diagnose_one(name: str, s: ClipState) -> list[Finding]:
+def _diagnose_one(name: str, found: _Found) -> list[Finding]:
+    s = found.state
     steps = int(s.count)
-    found: list[Finding] = []
+    findings: list[Finding] = []
 
     def say(level: str, message: str) -> None:
-        found.append(Finding(level, (f"[{name}] " if name else "") + message, name))
+        findings.append(Finding(level, (f"[{name}] " if name else "") + message, name))
 
+    if found.after is not None:
+        say(
+            "warning",
+            f"this clip comes after an optimizer ({found.after}) in its chain, so it measures "
+            f"the optimizer's update (last norm {float(s.grad_norm):.3g}), not the gradient, "
+            "and its threshold acts on the step size. Put gradclip_jax's clip first: "
+            "optax.chain(clip, optimizer).",
+        )
     if steps == 0:
         say("info", "no steps recorded yet.")
-        return found
+        return findings
     nonfinite = int(s.nonfinite_steps)
     if nonfinite:
         say(
@@ -203,8 +336,16 @@ def _diagnose_one(name: str, s: ClipState) -> list[Finding]:
             "zero or a too-high learning rate.",
         )
     fraction = int(s.clipped_steps) / steps
-    recent = float(s.clip_rate_fast)
-    slow = float(s.clip_rate_slow)
+    if steps < FEW_STEPS:
+        say(
+            "info",
+            f"only {steps} step{'s' if steps > 1 else ''} recorded (clipped on "
+            f"{int(s.clipped_steps)}): too few to judge the threshold; check again after "
+            f"{FEW_STEPS} or more.",
+        )
+        return findings
+    recent = float(s.clip_rate_recent)
+    slow = float(s.clip_rate_long)
     p90 = float(sketch_quantile(s.histogram, 0.9))
     suggestion = f" The 90th percentile of the unclipped norms is {p90:.3g}." if p90 == p90 else ""
     threshold = float(s.threshold)
@@ -263,7 +404,7 @@ def _diagnose_one(name: str, s: ClipState) -> list[Finding]:
             f"clipped on {recent:.0%} of recent steps and {fraction:.1%} of all steps "
             f"(threshold {current}).",
         )
-    return found
+    return findings
 
 
 def diagnose(opt_state: Any) -> list[Finding]:
@@ -280,11 +421,15 @@ def diagnose(opt_state: Any) -> list[Finding]:
       or, when the long-run rate (~500 steps) was low, a warning that the run was stable and
       something changed (learning rate, data), which clipping may be masking; within the
       first 100 steps, an info that early training often clips;
+    - the clip comes after an optimizer state in its chain (it measures the update, not the
+      gradient): warning, put the clip first;
+    - fewer than 20 steps: info, too few to judge (only the two rules above apply);
     - clipped on under 1% of all steps: info, the threshold is fine;
     - frequent clipping earlier that has dropped to near zero: info, healthy;
     - otherwise an info with the rates.
 
-    Call it outside ``jit`` (it reads concrete values).
+    Call it outside ``jit``: it reads concrete values (inside ``jit`` it raises a TypeError
+    that says so). Raises ``ValueError`` when ``opt_state`` holds no clip transform.
 
     Example:
       >>> import jax.numpy as jnp, gradclip_jax
@@ -295,10 +440,14 @@ def diagnose(opt_state: Any) -> list[Finding]:
       >>> [f.level for f in gradclip_jax.diagnose(state)]
       ['info']
     """
-    states = find_clip_states(opt_state)
-    if not states:
-        raise ValueError("no gradclip_jax clip state found in opt_state")
+    found = _keyed(_locate(opt_state), opt_state)
+    if any(isinstance(x, jax.core.Tracer) for f in found.values()
+           for x in jax.tree.leaves(f.state)):
+        raise TypeError(
+            "diagnose reads concrete values on the host and cannot run inside jit; call it "
+            "outside, on the state your jitted step returns (stats works inside jit)"
+        )
     findings: list[Finding] = []
-    for name, s in states.items():
-        findings.extend(_diagnose_one(name, s))
+    for name, f in found.items():
+        findings.extend(_diagnose_one(name, f))
     return findings

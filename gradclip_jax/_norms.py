@@ -1,13 +1,15 @@
 """Norms of whole pytrees: float32-safe, one read of the gradients, sharding-aware.
 
-Every reduction here accumulates in float32 (float64 for float64 leaves), whatever the leaf
-dtype: a float16 leaf is upcast before it is squared, so a float16 gradient can never
-overflow (65504**2 times any realistic element count fits in float32). bfloat16 shares
-float32's exponent range, so its squares can overflow float32 even when the norm fits: bfloat16
-leaves are summed as squares of ``x * 2**-16``, which keeps norms up to about 1.2e24 finite.
-float32 leaves keep a plain sum of squares, representable up to a norm of about 1.8e19; above
-either bound the gradient is reported as non-finite (detecting the case exactly would cost a
-second pass over every gradient, to handle one that has already diverged).
+Every reduction here accumulates in float32 (float64 for float64 and complex128 leaves),
+whatever the leaf dtype. A complex leaf contributes its moduli: ``|z|^2 = re^2 + im^2`` to the
+sum of squares, ``|z|`` to the others. Zero-size leaves contribute nothing. A float16 leaf is
+upcast before it is squared, so a float16 gradient can never overflow (65504**2 times any
+realistic element count fits in float32). bfloat16 shares float32's exponent range, so its
+squares can overflow float32 even when the norm fits: bfloat16 leaves are summed as squares of
+``x * 2**-16``, which keeps norms up to about 1.2e24 finite. float32 leaves keep a plain sum
+of squares, representable up to a norm of about 1.8e19; above either bound the gradient is
+reported as non-finite (detecting the case exactly would cost a second pass over every
+gradient, to handle one that has already diverged).
 
 Each measure of a leaf is one single-output reduction, the form every XLA backend compiles
 best. A transform that needs two measures (the value clip: the sum of squares and the largest
@@ -24,7 +26,7 @@ right for gradients that were already ``pmean``-ed, the data-parallel case).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -44,10 +46,23 @@ MAXABS = "maxabs"
 _LO_SCALE = 2.0**-16
 
 _MAX_KINDS = frozenset({MAXABS})
+_SQUARED = "squared"  # internal: values that are already the squares to sum
 
 
 def _accum_dtype(dtype: Any) -> Any:
-    return jnp.float64 if jnp.dtype(dtype) == jnp.float64 else jnp.float32
+    wide = jnp.dtype(dtype) in (jnp.dtype(jnp.float64), jnp.dtype(jnp.complex128))
+    return jnp.float64 if wide else jnp.float32
+
+
+def _as_real(x: jax.Array, kind: str, acc: Any) -> tuple[str, jax.Array]:
+    """A real array whose measure ``kind`` equals that of ``x`` (complex: of ``|x|``)."""
+    if not jnp.issubdtype(x.dtype, jnp.complexfloating):
+        return kind, x.astype(acc)
+    if kind == SUMSQ:
+        # |z|^2 = re^2 + im^2, summed as is: the squares are the elementwise values.
+        re, im = jnp.real(x).astype(acc), jnp.imag(x).astype(acc)
+        return _SQUARED, re * re + im * im
+    return kind, jnp.abs(x).astype(acc)
 
 
 def _elementwise(kind: str, x: jax.Array) -> jax.Array:
@@ -55,6 +70,8 @@ def _elementwise(kind: str, x: jax.Array) -> jax.Array:
         return x * x
     if kind == SUMSQ_LO:
         return jnp.square(x * _LO_SCALE)
+    if kind == _SQUARED:
+        return x
     return jnp.abs(x)
 
 
@@ -84,7 +101,8 @@ def _reduce_leaf(x: jax.Array, kinds: Sequence[str]) -> tuple[jax.Array, ...]:
         if own is None:
             out.append(zero)
             continue
-        values = _elementwise(own, x.astype(acc))
+        own, real = _as_real(x, own, acc)
+        values = _elementwise(own, real)
         out.append(jnp.max(values, initial=zero) if own in _MAX_KINDS else jnp.sum(values))
     return tuple(out)
 
@@ -145,7 +163,7 @@ def norm_kinds(ord: Any) -> tuple[str, ...]:
     return ({2: SUMSQ, 1: ABSSUM}.get(ord, MAXABS),)
 
 
-def l2_from(measures: dict[str, jax.Array]) -> jax.Array:
+def l2_from(measures: Mapping[str, jax.Array]) -> jax.Array:
     """The L2 norm from the sums of squares (plain, and scaled for bfloat16 leaves)."""
     plain = measures[SUMSQ]
     if SUMSQ_LO not in measures:
@@ -158,7 +176,7 @@ def l2_from(measures: dict[str, jax.Array]) -> jax.Array:
     return jnp.where(jnp.isfinite(unscaled), jnp.sqrt(unscaled), rescaled)
 
 
-def norm_from(measures: dict[str, jax.Array], ord: Any) -> jax.Array:
+def norm_from(measures: Mapping[str, jax.Array], ord: Any) -> jax.Array:
     if isinstance(ord, jax.core.Tracer):
         l2, l1, linf = l2_from(measures), measures[ABSSUM], measures[MAXABS]
         return jnp.where(ord == 1, l1, jnp.where(ord == 2, l2, linf))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Any
 
 import jax
@@ -29,7 +30,13 @@ def _as_float(name: str, value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.ndarray, jax.Array)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
     array = np.asarray(value)
-    if array.shape != () or not jnp.issubdtype(array.dtype, jnp.number):
+    if array.shape != ():
+        raise TypeError(
+            f"{name} must be a real scalar (a float or a 0-d array), got an array of shape "
+            f"{array.shape}"
+        )
+    if not jnp.issubdtype(array.dtype, jnp.number) or jnp.issubdtype(
+            array.dtype, jnp.complexfloating):
         raise TypeError(f"{name} must be a real scalar, got {value!r}")
     return float(array)
 
@@ -100,3 +107,25 @@ def check_threshold(name: str, value: Any) -> None:
     if callable(value) and not isinstance(value, (jax.Array, np.ndarray)):
         return
     check_positive(name, value)
+
+
+def warn_if_quantile(name: str, value: Any, *, stacklevel: int) -> None:
+    """Warns when a percentile in (0, 1] looks like a 0-1 quantile (0.9 for the 90th)."""
+    x = _as_float(name, value)
+    if x is not None and 0.0 < x <= 1.0:
+        warnings.warn(
+            f"{name}={value!r} is read as a percentile in (0, 100], so this is the "
+            f"{x:g}th percentile, not the {100 * x:g}th; pass {name}={100 * x:g} for that",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+
+
+def check_name(name: Any) -> None:
+    """A transform's name: None, or a non-empty str without "/" (it prefixes stats keys)."""
+    if name is None:
+        return
+    if not isinstance(name, str):
+        raise TypeError(f"name must be None or a str, got {type(name).__name__} {name!r}")
+    if not name or "/" in name:
+        raise ValueError(f"name must be a non-empty str without '/', got {name!r}")

@@ -12,8 +12,8 @@ import gradclip_jax as gc
 
 def make_tx():
     return optax.chain(
-        gc.clip_by_value(5.0),
-        gc.percentile_clip(warmup_steps=3, decay=0.99),
+        gc.clip_by_value(5.0, name="value"),
+        gc.percentile_clip(warmup_steps=3, decay=0.99, name="adaptive"),
         optax.adam(1e-2),
     )
 
@@ -61,5 +61,5 @@ def test_restore_continues_bit_identically(tmp_path, step_fn):
                     strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # The percentile clip's histogram and counters came through the checkpoint.
-    assert int(gc.stats(res_s)["1/steps"]) == 40
+    assert int(gc.stats(res_s)["adaptive/count"]) == 40
     assert int(res_s[1].histogram.recorded) == 40

@@ -9,7 +9,7 @@ import pytest
 import gradclip_jax as gc
 from tests.helpers import run_norm_stream
 
-KEYS = {"grad_norm", "threshold", "steps", "clipped_steps", "nonfinite_steps", "clip_fraction",
+KEYS = {"grad_norm", "threshold", "count", "clipped_steps", "nonfinite_steps", "clip_fraction",
         "clip_rate_recent", "clip_rate_long"}
 PARAMS = {"w": jnp.ones((3,)), "b": jnp.zeros((2,))}
 
@@ -45,15 +45,15 @@ def test_stats_finds_the_clip_state(wrapper):
     assert set(s) == KEYS
     assert all(isinstance(v, jax.Array) for v in s.values())
     inner_steps = 2 if wrapper == "multisteps" else 4
-    assert int(s["steps"]) == inner_steps
+    assert int(s["count"]) == inner_steps
     assert float(s["threshold"]) == 1.0
     assert float(s["grad_norm"]) > 0
 
 
 def test_stats_prefixes_several_clips_and_works_in_jit():
-    tx = optax.named_chain(("value", gc.clip_by_value(1.0)),
-                           ("norm", gc.clip_by_global_norm(2.0)),
-                           ("opt", optax.sgd(0.1)))
+    tx = optax.chain(gc.clip_by_value(1.0, name="value"),
+                     gc.clip_by_global_norm(2.0, name="norm"),
+                     optax.sgd(0.1))
     state = run(tx, [5.0])
     s = jax.jit(gc.stats)(state)
     assert set(s) == {f"{p}/{k}" for p in ("value", "norm") for k in KEYS}
@@ -67,11 +67,14 @@ def test_stats_prefixes_several_clips_and_works_in_jit():
     assert median == pytest.approx(np.sqrt(5), rel=0.011)
 
 
-def test_stats_without_clip_state_is_empty_and_readers_complain():
+def test_every_reader_rejects_a_state_without_a_clip():
     state = optax.adam(1e-3).init(PARAMS)
-    assert gc.stats(state) == {}
-    with pytest.raises(ValueError, match="no gradclip_jax clip state"):
-        gc.diagnose(state)
+    assert gc.find_clip_states(state) == {}
+    readers = (gc.stats, gc.host_stats, gc.diagnose,
+               lambda s: gc.norm_percentile(s, 90), lambda s: gc.log_stats(s, print))
+    for reader in readers:
+        with pytest.raises(ValueError, match="no gradclip_jax clip state found"):
+            reader(state)
 
 
 def test_norm_percentile_works_for_every_transform():
@@ -152,3 +155,40 @@ def test_windowed_percentile_clip_clips_most_steps_by_design():
     findings = gc.diagnose(state)
     assert levels(findings) == ["info"]
     assert "by design" in findings[0].message and "validation loss" in findings[0].message
+
+
+def test_too_few_steps_are_not_judged():
+    state = run(gc.clip_by_global_norm(10.0), [1.0])
+    (finding,) = gc.diagnose(state)
+    assert finding.level == "info"
+    assert "only 1 step recorded" in finding.message and "too few" in finding.message
+    assert "threshold is fine" not in finding.message
+    state = run(gc.clip_by_global_norm(10.0), [1.0] * 30)
+    assert "threshold is fine" in gc.diagnose(state)[0].message
+
+
+@pytest.mark.parametrize("optimizer", [optax.adam(1e-3), optax.sgd(0.1, momentum=0.9),
+                                       optax.adafactor(1e-3), optax.rmsprop(1e-3)])
+def test_a_clip_after_the_optimizer_is_flagged(optimizer):
+    state = run(optax.chain(optimizer, gc.clip_by_global_norm(1.0)), [1.0] * 30)
+    warnings_ = [f for f in gc.diagnose(state) if f.level == "warning"]
+    assert len(warnings_) == 1
+    assert "comes after an optimizer" in warnings_[0].message
+    assert "optax.chain(clip, optimizer)" in warnings_[0].message
+    state = run(optax.chain(gc.clip_by_global_norm(1.0), optimizer), [1.0] * 30)
+    assert not any("after an optimizer" in f.message for f in gc.diagnose(state))
+
+
+def test_clips_inside_multi_transform_partitions_are_not_flagged():
+    tx = optax.multi_transform(
+        {"a": optax.chain(gc.clip_by_global_norm(1.0, name="a"), optax.adam(1e-3)),
+         "b": optax.chain(gc.clip_by_global_norm(1.0, name="b"), optax.adam(1e-3))},
+        {"w": "a", "b": "b"})
+    state = run(tx, [1.0] * 30)
+    assert [f.level for f in gc.diagnose(state)] == ["info", "info"]
+
+
+def test_diagnose_inside_jit_says_to_call_it_outside():
+    state = run(gc.clip_by_global_norm(1.0), [1.0] * 3)
+    with pytest.raises(TypeError, match="cannot run inside jit; call it outside"):
+        jax.jit(lambda s: len(gc.diagnose(s)))(state)

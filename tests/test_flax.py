@@ -42,7 +42,7 @@ def test_nnx_optimizer_with_percentile_clip():
     losses = [float(train_step(model, optimizer, x, y)) for _ in range(30)]
     s = gc.stats(optimizer.opt_state)
     assert all(isinstance(v, jax.Array) and not isinstance(v, nnx.Variable) for v in s.values())
-    assert int(s["steps"]) == 30
+    assert int(s["count"]) == 30
     assert int(s["clipped_steps"]) >= 1
     assert float(s["grad_norm"]) > 0
     assert losses[-1] < losses[0]
@@ -77,6 +77,6 @@ def test_linen_train_state(clip):
     for i in range(5):
         state = train_step(state, *batch(i))
     s = gc.stats(state.opt_state)
-    assert int(s["steps"]) == 5
+    assert int(s["count"]) == 5
     assert int(s["clipped_steps"]) == 5  # targets of ~100 give gradients far above 1
     assert float(s["threshold"]) in (1.0, 0.5)

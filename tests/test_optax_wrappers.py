@@ -51,7 +51,7 @@ def test_every_numeric_argument_can_be_injected(name, dtype):
             assert a.dtype == dtype
             np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
                                        rtol=rtol)
-    assert int(gc.stats(s_inj)["steps"]) == 8
+    assert int(gc.stats(s_inj)["count"]) == 8
 
 
 def test_injected_schedule_on_bfloat16_where_optax_crashes():
@@ -95,7 +95,7 @@ def test_multisteps_clips_the_accumulated_gradient_once_per_real_step():
     for s in scales:
         out, state = update(grads(s), state, PARAMS)
     st = gc.stats(state)
-    assert int(st["steps"]) == 2  # one observation per emitted optimizer step
+    assert int(st["count"]) == 2  # one observation per emitted optimizer step
     mean_second = np.mean(scales[3:]) * np.sqrt(6)  # norm of the averaged gradient
     assert float(st["grad_norm"]) == pytest.approx(mean_second, rel=1e-5)
     assert int(st["clipped_steps"]) == 1  # the first accumulated gradient (norm 7.3) only
@@ -131,4 +131,4 @@ def test_apply_if_finite_skips_nonfinite_steps_with_propagate():
     out, state = tx.update(grads(1.0), state, PARAMS)
     assert int(state.notfinite_count) == 0
     # apply_if_finite discards the inner state of a skipped step, so the clip saw one step.
-    assert int(gc.stats(state)["steps"]) == 1
+    assert int(gc.stats(state)["count"]) == 1

@@ -45,8 +45,8 @@ def test_wide_norms_are_clipped_at_twice_the_median():
     norms = lognormal(np.random.default_rng(10), 4000, 1.0)
     _, _, thresholds, clipped = run_norm_stream(p90_full_history(), norms)
     median = np.median(norms[:-1])
-    assert thresholds[-1] == pytest.approx(gc.MEDIAN_MULTIPLE * median, rel=0.03)
-    expected = np.mean(norms > gc.MEDIAN_MULTIPLE * np.median(norms))  # about 24%
+    assert thresholds[-1] == pytest.approx(gc._percentile.MEDIAN_MULTIPLE * median, rel=0.03)
+    expected = np.mean(norms > gc._percentile.MEDIAN_MULTIPLE * np.median(norms))  # about 24%
     assert clipped[1000:].mean() == pytest.approx(expected, abs=0.03)
 
 
@@ -120,8 +120,8 @@ def test_warmup_without_and_with_max_norm():
     np.testing.assert_allclose(outs, 2.0, rtol=1e-6)
 
 
-def test_warmup_zero_starts_after_the_first_norm():
-    _, _, thresholds, clipped = run_norm_stream(gc.percentile_clip(warmup_steps=0), [1.0, 3.0])
+def test_warmup_one_starts_after_the_first_norm():
+    _, _, thresholds, clipped = run_norm_stream(gc.percentile_clip(warmup_steps=1), [1.0, 3.0])
     assert not clipped[0]
     assert clipped[1] and thresholds[1] == pytest.approx(1.0, rel=0.011)
 
@@ -182,7 +182,8 @@ def test_traced_percentile_via_inject_hyperparams():
     (dict(relative_accuracy=1.0), "relative_accuracy must be in"),
     (dict(decay=0.0), "decay must be in"),
     (dict(decay=1.5), "decay must be in"),
-    (dict(warmup_steps=-1), "warmup_steps must be an integer >= 0"),
+    (dict(warmup_steps=-1), "warmup_steps must be an integer >= 1"),
+    (dict(warmup_steps=0), "warmup_steps must be an integer >= 1"),
     (dict(window=0), "window must be an integer >= 1"),
     (dict(freeze_after=0), "freeze_after must be an integer >= 1"),
     (dict(max_norm=0.0), "max_norm must be in"),
@@ -217,7 +218,7 @@ def test_window_threshold_follows_a_change_of_scale_within_the_window():
     # Without a window the median cap is twice the run's median; with one, four times.
     wide = lognormal(np.random.default_rng(10), 3000, 1.0)
     _, _, top, _ = run_norm_stream(gc.percentile_clip(100.0, window=20), wide)
-    assert top[1:].max() <= gc._transforms.WINDOW_MEDIAN_MULTIPLE * np.median(wide) * 1.1
+    assert top[1:].max() <= gc._percentile.WINDOW_MEDIAN_MULTIPLE * np.median(wide) * 1.1
     _, _, slow, _ = run_norm_stream(p90_full_history(), norms)
     assert slow[360] > 3 * thresholds[360]
 

@@ -12,18 +12,19 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import gradclip_jax as gc
+from gradclip_jax._mapping import LogMapping
 from gradclip_jax._sketch import sketch_add, sketch_init, sketch_quantile
 
 
 @given(x=st.floats(1e-8, 1e8), a=st.sampled_from([0.001, 0.01, 0.05]))
 def test_mapping_relative_accuracy(x, a):
-    mapping = gc.LogMapping(a)
+    mapping = LogMapping(a)
     value = float(mapping.value(mapping.index(x)))
     assert abs(value - x) <= (a + 1e-5) * x
 
 
 def test_mapping_out_of_range_buckets():
-    mapping = gc.LogMapping(0.01)
+    mapping = LogMapping(0.01)
     assert int(mapping.index(0.0)) == 0
     assert int(mapping.index(1e-12)) == 0
     assert int(mapping.index(1e12)) == mapping.num_buckets - 1
@@ -34,7 +35,7 @@ def test_mapping_out_of_range_buckets():
 @pytest.mark.parametrize("bad", [0.0, 1.0, -0.1, 2.0])
 def test_mapping_rejects_bad_accuracy(bad):
     with pytest.raises(ValueError, match="relative_accuracy must be in"):
-        gc.LogMapping(bad)
+        LogMapping(bad)
 
 
 def add_all(sketch, values, decay=None):

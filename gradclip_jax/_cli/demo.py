@@ -117,12 +117,17 @@ def plot(cfg: rnn.Config, results: dict[str, rnn.Result], out: str, tag: str) ->
     _save_figure(fig, paths[-1])
     plt.close(fig)
 
-    fig, axes = plt.subplots(len(results), 1, figsize=(9, 2.3 * len(results)), sharex=True)
+    fig, axes = plt.subplots(len(results), 1, figsize=(10, 2.3 * len(results)), sharex=True,
+                             layout="constrained")
     for ax, (name, r) in zip(np.atleast_1d(axes), results.items(), strict=True):
-        # The seed with the largest spike, among those that did not diverge if any did not.
-        peaks = np.where(r.diverged(cfg), -np.inf, np.nan_to_num(r.grad_norm.max(axis=1)))
-        seed = int(np.argmax(peaks)) if np.isfinite(peaks).any() else 0
-        norm = r.grad_norm[seed]
+        # A diverged seed where the policy lost one (that is what it looks like); otherwise
+        # the seed with the largest spike.
+        diverged = r.diverged(cfg)
+        if diverged.any():
+            seed = int(np.argmax(diverged))
+        else:
+            seed = int(np.argmax(np.nan_to_num(r.grad_norm.max(axis=1))))
+        norm = np.where(np.isfinite(r.grad_norm[seed]), r.grad_norm[seed], np.nan)
         ax.plot(steps, norm, lw=0.7, color="tab:blue", label="unclipped norm")
         threshold = r.threshold[seed]
         finite = np.isfinite(threshold)
@@ -132,8 +137,12 @@ def plot(cfg: rnn.Config, results: dict[str, rnn.Result], out: str, tag: str) ->
         clipped = r.clipped[seed].astype(bool)
         ax.scatter(steps[clipped], norm[clipped], s=4, color="tab:red", label="clipped", zorder=3)
         ax.set_yscale("log")
-        ax.set_title(f"{name} (seed {seed}): {clipped.mean():.0%} of steps clipped", fontsize=10)
-        ax.legend(loc="upper right", fontsize=7, ncol=3)
+        ax.set_ylabel("global norm")
+        fate = "diverged" if diverged[seed] else "kept"
+        ax.set_title(f"{name} (seed {seed}, {fate}): {clipped.mean():.0%} of steps clipped",
+                     fontsize=10, loc="left")
+        # Outside the axes, so that it never covers a spike.
+        ax.legend(loc="upper left", bbox_to_anchor=(1.005, 1.0), fontsize=7, frameon=False)
     np.atleast_1d(axes)[-1].set_xlabel("step")
     fig.suptitle(f"Gradient norm, threshold and clip events ({tag})")
     paths.append(os.path.join(out, f"grad_norms_{tag}.png"))

@@ -1,0 +1,80 @@
+"""How a threshold is applied to the update: the two :class:`~gradclip_jax._core.Apply` parts.
+
+- :class:`Rescale` multiplies the whole update by ``threshold / norm`` when its ``ord``-norm
+  is above the threshold: the direction is kept exactly.
+- :class:`ClipEach` clips every coordinate to ``[-threshold, threshold]``.
+
+Both compute in at least float32 and round once into the leaf's dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from gradclip_jax import _norms
+from gradclip_jax._core import Apply
+
+
+@dataclasses.dataclass(frozen=True)
+class Rescale(Apply):
+    """Rescales the update so that its ``ord``-norm is at most the threshold.
+
+    ``ord`` is 1, 2 or ``math.inf``, or a traced value (under ``optax.inject_hyperparams``),
+    in which case all three norms are measured and the one asked for is selected.
+    """
+
+    ord: Any = 2
+
+    @property
+    def kinds(self) -> tuple[str, ...]:  # type: ignore[override]
+        return _norms.norm_kinds(self.ord)
+
+    def measure(self, measures: Mapping[str, jax.Array]) -> jax.Array:
+        return _norms.norm_from(measures, self.ord)
+
+    def factor(self, threshold: jax.Array, measured: jax.Array) -> jax.Array:
+        return jnp.where(measured > threshold, threshold / measured, 1.0)
+
+    def leaf(self, g: jax.Array, factor: jax.Array) -> jax.Array:
+        # Multiply in at least float32 and round once, so bfloat16/float16 updates are scaled
+        # as accurately as their dtype allows.
+        wide = jnp.promote_types(g.dtype, jnp.float32)
+        return (g.astype(wide) * factor.astype(wide)).astype(g.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipEach(Apply):
+    """Clips every coordinate to ``[-threshold, threshold]``; a step is clipped when any is."""
+
+    kinds: tuple[str, ...] = (_norms.MAXABS,)
+
+    def measure(self, measures: Mapping[str, jax.Array]) -> jax.Array:
+        return measures[_norms.MAXABS]
+
+    def factor(self, threshold: jax.Array, measured: jax.Array) -> jax.Array:
+        del measured
+        return threshold
+
+    def leaf(self, g: jax.Array, factor: jax.Array) -> jax.Array:
+        # Coordinates within the limit are selected, not passed through clip, so they come
+        # back bit for bit (subnormals included). Comparisons rather than abs(g): an abs here
+        # would be shared with the norm's reduction, and XLA would then write it out and read
+        # it back.
+        wide = jnp.promote_types(g.dtype, jnp.float32)
+        limit = factor.astype(wide)
+        x = g.astype(wide)
+        bounded = jnp.clip(x, -limit, limit).astype(g.dtype)
+        return jnp.where((x > limit) | (x < -limit), bounded, g)
+
+    def check_leaf(self, path: str, dtype: Any) -> None:
+        if jnp.issubdtype(dtype, jnp.complexfloating):
+            raise TypeError(
+                f"clip_by_value cannot clip the complex leaf {path} ({dtype}): complex numbers "
+                "have no order, so there is no [-c, c] to clip to (optax.clip raises too). Use "
+                "clip_by_global_norm, which rescales complex updates by their norm."
+            )

@@ -1,0 +1,212 @@
+"""The percentile-adaptive threshold rule and :func:`percentile_clip`.
+
+The rule reads the state's histograms of recorded norms (``_sketch``); the update is rescaled
+by the core's :class:`~gradclip_jax._apply.Rescale` part, as in the global-norm clip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gradclip_jax import _core
+from gradclip_jax._apply import Rescale
+from gradclip_jax._core import ScalarOrSchedule
+from gradclip_jax._fixed import at_step
+from gradclip_jax._sketch import sketch_quantile
+from gradclip_jax._validation import (
+    check_axis_name,
+    check_int,
+    check_name,
+    check_nonfinite,
+    check_range,
+    check_threshold,
+    warn_if_quantile,
+)
+
+MEDIAN_MULTIPLE = 2.0
+"""Without a window, the threshold is never above this multiple of the median recorded norm."""
+
+WINDOW_MEDIAN_MULTIPLE = 4.0
+"""With a window, the threshold is never above this multiple of the whole run's median norm.
+
+Looser than without one: the recent percentile is already robust to a heavy tail, so this cap
+only has to stop a diverging run's norms from carrying the threshold up, while norms that
+grow as training proceeds (measured: a vanilla RNN trained with momentum) are followed."""
+
+MAX_RISE_PER_STEP = 1.05
+"""The threshold rises by at most this factor from one step to the next."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PercentileRule(_core.ThresholdRule):
+    """``min(Q_p(recent), m * median(all), 1.05 * previous, max_norm)``; see percentile_clip."""
+
+    percentile: Any = 35.0
+    window: Any = 20
+    warmup_steps: Any = 1
+    max_norm: ScalarOrSchedule | None = None
+    decay: Any = None
+    freeze_after: Any = None
+
+    def histogram_decay(self) -> Any:
+        return self.decay
+
+    def recent_decay(self) -> Any:
+        if self.window is None:
+            return None
+        return 1.0 - 1.0 / jnp.maximum(self.window, 1)
+
+    def threshold(self, state: _core.ClipState) -> jax.Array:
+        hist = state.histogram
+        q = jnp.asarray(self.percentile, jnp.float32) / 100.0
+        if state.recent is None:
+            upper, median = sketch_quantile(hist, jnp.stack([q, jnp.float32(0.5)]))
+            multiple = MEDIAN_MULTIPLE
+        else:
+            upper = sketch_quantile(state.recent, q)
+            median = sketch_quantile(hist, jnp.float32(0.5))
+            multiple = WINDOW_MEDIAN_MULTIPLE
+        adaptive = jnp.minimum(upper, multiple * median)
+        ready = hist.recorded >= jnp.maximum(self.warmup_steps, 1)
+        value = jnp.where(ready, adaptive, _core.NO_THRESHOLD)
+        if self.freeze_after is not None:
+            frozen = hist.recorded > jnp.maximum(self.freeze_after, self.warmup_steps)
+            value = jnp.where(frozen, state.threshold, value)
+        had_threshold = state.threshold < _core.NO_THRESHOLD
+        value = jnp.minimum(
+            value, jnp.where(had_threshold, state.threshold * MAX_RISE_PER_STEP, value))
+        if self.max_norm is not None:
+            value = jnp.minimum(value, at_step(self.max_norm, state.count))
+        return value
+
+
+def percentile_clip(
+    percentile: float | jax.Array = 35.0,
+    *,
+    window: int | None = 20,
+    warmup_steps: int = 1,
+    max_norm: ScalarOrSchedule | None = None,
+    decay: float | jax.Array | None = None,
+    freeze_after: int | None = None,
+    relative_accuracy: float = 0.01,
+    nonfinite: str = "zero",
+    axis_name: str | Sequence[str] | None = None,
+    name: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Global-norm clip at a percentile of the recent gradient norms, with no threshold to pick.
+
+    The state keeps fixed-size histograms of the unclipped global L2 norms (DDSketch-style
+    log-bucket sketches: 1,846 buckets at 1% accuracy for norms in 1e-8..1e8, the same size at
+    step 0 and step 10^7): :math:`H`, of every norm of the run, and, with a ``window``,
+    :math:`R`, whose counts decay by :math:`1 - 1/\text{window}` per norm, so it holds about
+    the last ``window`` norms. The threshold for step :math:`t` is computed from the norms
+    recorded before :math:`t`:
+
+    .. math::
+        c_t = \min\bigl(Q_p(R_{t-1}),\; m\,Q_{50}(H_{t-1}),\; 1.05\,c_{t-1},\;
+        \text{max\_norm}\bigr)
+
+    where :math:`Q_p` is the ``percentile``-th percentile, and :math:`m = 4` with a window,
+    :math:`m = 2` and :math:`R = H` without one. The update is then rescaled as in
+    :func:`clip_by_global_norm`.
+
+    The default, the 35th percentile of about the last 20 norms, was chosen on training
+    runs, not on a heuristic (``gradclip-jax outcomes``: a transformer LM with AdamW, an LSTM
+    LM with Adam, a vanilla RNN with SGD and with momentum, at natural and shifted loss
+    scales, against fixed thresholds, AutoClip and ZClip). It clips about two steps in three,
+    so it acts as a scale-free cap on the update's size, and it follows the norms as they fall
+    early in training, where a threshold over the whole history lags. The percentile was
+    swept from 25 to 90 with windows of 10, 20, 100 and the whole run; 30 to 40 over about 20
+    norms did best. The classic rule, "log the unclipped norm and clip at about its 90th
+    percentile", is ``percentile_clip(90.0, window=None)``: a rarer safety net, which did
+    worse on those runs.
+
+    Two bounds keep the threshold from following a run that diverges:
+
+    - the median of the whole run cannot be moved until the new norms outweigh the history:
+      if the history holds weight :math:`W` when norms start to grow, then after :math:`k < W`
+      steps (no ``decay``), whatever the new norms are,
+      :math:`c_{t_0+k} \le m\,Q^{\text{old}}_{(1/2 + k/2W)}`, a multiple of a quantile of the
+      *old* history (with ``decay`` the old weight shrinks by ``decay`` per step, so the
+      horizon is about ``1/(1-decay)`` steps);
+    - the threshold rises by at most 5% per step, :math:`c_t \le 1.05^k c_{t-k}`: it at most
+      doubles in 14 steps, however short the history. This is what protects a run that blows
+      up in its first steps, when the history is only a few norms long.
+
+    A norm more than :math:`m` times the run's median is always clipped, and a spike cannot
+    raise its own threshold. A regime that persists (a real change of scale, or norms that
+    were tiny in the first steps) takes over the median and is followed at up to 5% per
+    step: a thousandfold rise in about 140 steps; with ``decay`` a slow drift is followed.
+
+    Args:
+      percentile: in (0, 100]; the percentile of the recent norms used as the threshold (a
+        percentile, not a 0-1 quantile: the 90th is ``90.0``; a value of 1 or less warns).
+      window: >= 1, or None. The number of recent norms (an exponential window) the
+        percentile is taken over; None takes it over the whole histogram :math:`H`.
+      warmup_steps: >= 1. Until this many finite norms are recorded there is no adaptive
+        threshold (only ``max_norm`` if given; otherwise no clipping). The default, 1, clips
+        from the second step on: runs that blow up often do so in their first ten steps, and
+        the 5% rise cap keeps so short a history from producing a runaway threshold. No
+        data-driven threshold can clip the very first step; a run whose first gradient is
+        already on a cliff needs ``max_norm`` or a learning-rate warmup as well.
+      max_norm: optional hard cap > 0 (float, scalar array or schedule): the threshold is
+        never above it, during warmup included.
+      decay: in (0, 1], or None (default: keep every norm). Each recorded norm first
+        multiplies the counts of :math:`H` by ``decay``, so it reflects roughly the last
+        ``1/(1-decay)`` norms and the median cap follows a slowly drifting scale.
+      freeze_after: >= 1, or None. After this many recorded norms (and at least
+        ``warmup_steps``) the threshold stays fixed: "log a few hundred steps, then clip at
+        their 90th percentile", automated (with ``percentile=90.0, window=None``). The
+        histograms keep recording.
+      relative_accuracy: in (0, 1); accuracy of the histograms (and their size: halving it
+        doubles the buckets). It fixes the state's shape at ``init``; under
+        ``optax.inject_hyperparams`` it may be injected, but changing it later has no effect.
+        ``window`` may be injected too; whether there is one (None or not) is fixed at init.
+      nonfinite: ``"zero"`` (default) or ``"propagate"``, as for :func:`clip_by_global_norm`.
+        Non-finite norms are never recorded.
+      axis_name: inside ``shard_map``, the mesh axis (or axes) the update is split over.
+      name: optional; prefixes this transform's :func:`gradclip_jax.stats` keys, as for
+        :func:`gradclip_jax.clip_by_global_norm`.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, optax, gradclip_jax
+      >>> tx = gradclip_jax.percentile_clip(warmup_steps=5)
+      >>> state = tx.init(None)
+      >>> for norm in [1.0, 1.1, 0.9, 1.0, 1.2]:
+      ...     _, state = tx.update({"w": jnp.array([norm])}, state)
+      >>> updates, state = tx.update({"w": jnp.array([1000.0])}, state)  # a spike
+      >>> round(float(updates["w"][0]), 2)  # the 35th percentile of the recent norms, to 1%
+      0.99
+
+    References:
+      Masson, Rim and Lee, "DDSketch: a fast and fully-mergeable quantile sketch with
+      relative-error guarantees", VLDB 2019.
+    """
+    check_range("percentile", percentile, low=0.0, high=100.0, high_open=False)
+    warn_if_quantile("percentile", percentile, stacklevel=3)
+    if window is not None:
+        check_int("window", window, low=1)
+    check_int("warmup_steps", warmup_steps, low=1)
+    if max_norm is not None:
+        check_threshold("max_norm", max_norm)
+    if decay is not None:
+        check_range("decay", decay, low=0.0, high=1.0, high_open=False)
+    if freeze_after is not None:
+        check_int("freeze_after", freeze_after, low=1)
+    check_range("relative_accuracy", relative_accuracy, low=0.0, high=1.0)
+    check_nonfinite(nonfinite)
+    check_axis_name(axis_name)
+    check_name(name)
+    rule = PercentileRule(percentile=percentile, window=window, warmup_steps=warmup_steps,
+                          max_norm=max_norm, decay=decay, freeze_after=freeze_after)
+    return _core.clip_transformation(rule, Rescale(2), nonfinite=nonfinite, axis_name=axis_name,
+                                     relative_accuracy=relative_accuracy, name=name)
