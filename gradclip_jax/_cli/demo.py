@@ -132,8 +132,9 @@ def plot(cfg: rnn.Config, results: dict[str, rnn.Result], out: str, tag: str) ->
         threshold = r.threshold[seed]
         finite = np.isfinite(threshold)
         if finite.any():
-            ax.plot(steps[finite], threshold[finite], color="tab:orange", lw=1.2,
-                    label="threshold")
+            # A value clip's threshold bounds each coordinate; it is not a norm.
+            label = "bound per coordinate" if name.startswith("value") else "threshold"
+            ax.plot(steps[finite], threshold[finite], color="tab:orange", lw=1.2, label=label)
         clipped = r.clipped[seed].astype(bool)
         ax.scatter(steps[clipped], norm[clipped], s=4, color="tab:red", label="clipped", zorder=3)
         ax.set_yscale("log")
