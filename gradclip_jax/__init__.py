@@ -6,6 +6,8 @@ Three optax transformations share one clipping core:
 - :func:`clip_by_value` clips each coordinate;
 - :func:`percentile_clip` clips at a running percentile of the recorded gradient norms.
 
+:func:`skip_spikes` wraps any transformation and skips the step on a spike or a NaN.
+
 Every one records diagnostics in its state (:class:`ClipState`), read with :func:`stats`,
 :func:`host_stats`, :func:`log_stats`, :func:`norm_percentile` and :func:`diagnose`.
 :func:`global_norm` is the float32-safe, sharding-aware norm they use.
@@ -26,6 +28,7 @@ from gradclip_jax._diagnostics import (
 from gradclip_jax._fixed import clip_by_global_norm, clip_by_value
 from gradclip_jax._norms import global_norm
 from gradclip_jax._percentile import percentile_clip
+from gradclip_jax._skip import SkipState, skip_spikes
 
 try:
     __version__ = _metadata.version("gradclip-jax")
@@ -35,6 +38,7 @@ except _metadata.PackageNotFoundError:  # imported from a source tree that is no
 __all__ = [
     "ClipState",
     "Finding",
+    "SkipState",
     "clip_by_global_norm",
     "clip_by_value",
     "diagnose",
@@ -44,5 +48,6 @@ __all__ = [
     "log_stats",
     "norm_percentile",
     "percentile_clip",
+    "skip_spikes",
     "stats",
 ]

@@ -161,7 +161,7 @@ def _moving_average(avg: jax.Array, x: jax.Array, rate: float, count: jax.Array)
     return avg + step_rate * (x.astype(jnp.float32) - avg)
 
 
-def _computed_once(scale: jax.Array, clipped: jax.Array, finite: jax.Array):
+def computed_once(*scalars: jax.Array) -> tuple[jax.Array, ...]:
     """The per-step scalars, behind an op that XLA computes once instead of per element.
 
     Left to itself XLA fuses the whole scalar computation behind them (combining every leaf's
@@ -169,12 +169,28 @@ def _computed_once(scale: jax.Array, clipped: jax.Array, finite: jax.Array):
     every leaf, where it can run once per element: 50x slower on CPU for 96 leaves of an odd
     length. ``optimization_barrier`` does not stop that on CPU, and XLA simplifies small
     reductions away; it never fuses a sort, so the scalars pass through one (of two equal
-    copies, which returns them exactly).
+    copies, which returns them exactly). Booleans come back as booleans.
     """
-    dtype = scale.dtype
-    packed = jnp.stack([scale, clipped.astype(dtype), finite.astype(dtype)])
+    dtype = jnp.result_type(jnp.float32, *(x.dtype for x in scalars if x.dtype != jnp.bool_))
+    packed = jnp.stack([x.astype(dtype) for x in scalars])
     once = lax.sort(jnp.stack([packed, packed]), dimension=0)[0]
-    return once[0], once[1] > 0, once[2] > 0
+    return tuple(once[i] > 0 if x.dtype == jnp.bool_ else once[i].astype(x.dtype)
+                 for i, x in enumerate(scalars))
+
+
+MEASURED = "gradclip_measured"
+"""Extra argument by which a guard hands its measurement of the updates to a clip inside it."""
+
+
+def shared_measures(updates: Any, kinds: Sequence[str], extra_args: Mapping[str, Any]):
+    """The measures a guard took of these very updates (the same arrays), or None."""
+    shared = extra_args.get(MEASURED)
+    if shared is None:
+        return None
+    leaves, measures = shared
+    mine = jax.tree.leaves(updates)
+    same = len(mine) == len(leaves) and all(a is b for a, b in zip(mine, leaves, strict=True))
+    return measures if same and all(k in measures for k in kinds) else None
 
 
 def check_update_leaves(updates: Any, apply: Apply) -> None:
@@ -235,15 +251,17 @@ def clip_transformation(
                           recent=recent_decay is not None, name=name)
 
     def update_fn(updates, state, params=None, **extra_args):
-        del params, extra_args
+        del params
         check_update_leaves(updates, apply)
         threshold = jnp.asarray(rule.threshold(state), jnp.float32)
-        measures = _norms.reduce_tree(updates, kinds, axis_name)
+        measures = shared_measures(updates, kinds, extra_args)
+        if measures is None:
+            measures = _norms.reduce_tree(updates, kinds, axis_name)
         l2 = _norms.l2_from(measures).astype(jnp.float32)
         finite = jnp.isfinite(l2)
         measured = apply.measure(measures)
         clipped = finite & (measured > threshold)
-        scale, clipped, finite = _computed_once(
+        scale, clipped, finite = computed_once(
             apply.factor(threshold, measured), clipped, finite)
         # Selecting g itself when nothing is clipped returns it bit for bit (multiplying by 1
         # would not: XLA flushes subnormals to zero on CPU), and returns a non-finite update

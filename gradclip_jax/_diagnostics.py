@@ -16,6 +16,7 @@ import numpy as np
 
 from gradclip_jax._core import NO_THRESHOLD, ClipState
 from gradclip_jax._sketch import NormSketch, sketch_quantile
+from gradclip_jax._skip import SkipState
 from gradclip_jax._validation import check_range, warn_if_quantile
 
 # diagnose's rules; the rates are those kept in ClipState.
@@ -155,6 +156,35 @@ def _one_state(opt_state: Any, which: str | None) -> tuple[str, ClipState]:
     return which, states[which]
 
 
+SKIP_KEYS = ("skipped_steps", "skipped_nonfinite", "skipped_norm_spikes", "skipped_loss_spikes",
+             "rebased")
+"""The keys of :func:`stats` for one :func:`skip_spikes` guard (its state's fields)."""
+
+
+def _skip_states(opt_state: Any) -> dict[str, SkipState]:
+    nodes = jax.tree_util.tree_flatten_with_path(
+        opt_state, is_leaf=lambda x: isinstance(x, SkipState))[0]
+    keyed: dict[str, SkipState] = {}
+    for path, node in nodes:
+        if not isinstance(node, SkipState):
+            continue
+        key = node.name.value or ""
+        if key in keyed:
+            what = f"named {key!r}" if key else "with no name"
+            raise ValueError(
+                f"opt_state holds several skip_spikes guards {what} (the second at "
+                f"{jax.tree_util.keystr(path)!r}); give each a distinct name"
+            )
+        keyed[key] = node
+    return keyed
+
+
+def _readable(opt_state: Any) -> tuple[dict[str, _Found], dict[str, SkipState]]:
+    """Every clip and guard state; raises if there is neither."""
+    skips = _skip_states(opt_state)
+    return _keyed(_locate(opt_state), opt_state, required=not skips), skips
+
+
 STATS_KEYS = ("count", "threshold", "grad_norm", "clipped_steps", "nonfinite_steps",
               "clip_rate_recent", "clip_rate_long", "clip_fraction")
 """The keys of :func:`stats` for one clip: the state's fields, then ``clip_fraction``."""
@@ -171,6 +201,10 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
     - ``clip_rate_recent`` / ``clip_rate_long``: moving averages of the clip indicator over
       about 20 and 500 steps;
     - ``clip_fraction``: ``clipped_steps / count``.
+
+    A :func:`skip_spikes` guard adds ``skipped_steps`` and its reasons,
+    ``skipped_nonfinite``, ``skipped_norm_spikes`` and ``skipped_loss_spikes``, and
+    ``rebased`` (lasting changes of scale accepted).
 
     A transform given a ``name`` has its keys prefixed ``"<name>/"``; the one unnamed
     transform has plain keys. Keys depend only on the names, so adding, removing or wrapping
@@ -189,7 +223,11 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
       1.0
     """
     out: dict[str, jax.Array] = {}
-    for name, s in _states(opt_state).items():
+    clips, skips = _readable(opt_state)
+    for name, g in skips.items():
+        prefix = f"{name}/" if name else ""
+        out.update({f"{prefix}{k}": _leaf(getattr(g, k)) for k in SKIP_KEYS})
+    for name, s in ((n, f.state) for n, f in clips.items()):
         prefix = f"{name}/" if name else ""
         out.update({
             f"{prefix}count": s.count,
@@ -440,14 +478,38 @@ def diagnose(opt_state: Any) -> list[Finding]:
       >>> [f.level for f in gradclip_jax.diagnose(state)]
       ['info']
     """
-    found = _keyed(_locate(opt_state), opt_state)
-    if any(isinstance(x, jax.core.Tracer) for f in found.values()
-           for x in jax.tree.leaves(f.state)):
+    found, skips = _readable(opt_state)
+    if any(isinstance(x, jax.core.Tracer)
+           for x in jax.tree.leaves(([f.state for f in found.values()], skips))):
         raise TypeError(
             "diagnose reads concrete values on the host and cannot run inside jit; call it "
             "outside, on the state your jitted step returns (stats works inside jit)"
         )
     findings: list[Finding] = []
+    for name, g in skips.items():
+        findings.extend(_diagnose_skip(name, g))
     for name, f in found.items():
         findings.extend(_diagnose_one(name, f))
     return findings
+
+
+def _diagnose_skip(name: str, g: SkipState) -> list[Finding]:
+    steps, skipped = int(_leaf(g.count)), int(_leaf(g.skipped_steps))
+    tag = f"[{name}] " if name else ""
+    if skipped == 0:
+        return [Finding("info", f"{tag}skip_spikes skipped none of {steps} steps.", name)]
+    reasons = (f"{int(_leaf(g.skipped_nonfinite))} non-finite, "
+               f"{int(_leaf(g.skipped_norm_spikes))} gradient-norm spikes, "
+               f"{int(_leaf(g.skipped_loss_spikes))} loss spikes")
+    fraction = skipped / max(steps, 1)
+    level = "warning" if fraction > RARELY else "info"
+    message = (f"{tag}skip_spikes skipped {skipped} of {steps} steps ({fraction:.1%}: "
+               f"{reasons}).")
+    if level == "warning":
+        message += (" More than 1% of steps is more than rare spikes: look for a learning rate "
+                    "that is too high, bad batches or a loss that overflows.")
+    rebased = int(_leaf(g.rebased))
+    if rebased:
+        message += (f" The scale changed lastingly {rebased} time(s): the guard accepted the "
+                    "new scale after its max_consecutive skipped steps.")
+    return [Finding(level, message, name)]

@@ -29,7 +29,8 @@ TRANSFORMS = {
 
 def test_public_names_are_exactly_the_usable_ones():
     assert sorted(gc.__all__) == sorted([
-        "ClipState", "Finding", "clip_by_global_norm", "clip_by_value", "diagnose",
+        "ClipState", "Finding", "SkipState", "skip_spikes", "clip_by_global_norm",
+        "clip_by_value", "diagnose",
         "find_clip_states", "global_norm", "host_stats", "log_stats", "norm_percentile",
         "percentile_clip", "stats",
     ])

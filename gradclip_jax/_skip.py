@@ -1,0 +1,243 @@
+"""Skipping a step on a spike: :func:`skip_spikes`, a guard around any optax transformation.
+
+A step is skipped (all-zero update, inner state left bit for bit as it was) when the gradient
+or the loss is non-finite, or when the gradient's global norm or the loss is a spike against
+robust statistics of the recent accepted values: in log space, above the median by more than
+``k`` robust standard deviations (1.4826 x the median absolute deviation), so that a spike
+does not inflate the spread that would hide the next one, as mean + k sigma does. The
+statistics live in the same fixed-size log-bucket sketch as the clip's histogram, with counts
+that decay over about ``window`` values; skipped and non-finite values never enter them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from gradclip_jax import _norms
+from gradclip_jax._core import MEASURED, computed_once
+from gradclip_jax._sketch import NormSketch, sketch_add, sketch_init
+from gradclip_jax._validation import check_axis_name, check_int, check_name, check_range
+
+MAD_TO_SIGMA = 1.4826
+"""The median absolute deviation of a normal sample times this estimates its sigma."""
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class SkipName:
+    """The name a guard was given, kept in its state as static data (no array)."""
+
+    value: str | None = None
+
+
+class SkipState(NamedTuple):
+    """State of :func:`skip_spikes`.
+
+    Attributes:
+      count: int32, steps seen.
+      skipped_steps: int32, steps skipped, for any reason.
+      skipped_nonfinite: int32, steps skipped because the gradient or the loss held a NaN/Inf.
+      skipped_norm_spikes: int32, finite steps skipped because the gradient norm was a spike.
+      skipped_loss_spikes: int32, finite steps skipped because the loss was a spike.
+      consecutive: int32, finite steps skipped in a row up to now.
+      rebased: int32, times a lasting change of scale was accepted and the statistics restarted.
+      grad_norm: float32, the global L2 norm of the last gradient (0 until a finite one).
+      norms: sketch of recent accepted gradient norms (counts decay over ``window``).
+      losses: sketch of recent accepted positive losses.
+      inner_state: the wrapped transformation's state.
+      name: static: the ``name`` the guard was given.
+    """
+
+    count: jax.Array  # type: ignore[assignment]  # optax's name; shadows tuple.count
+    skipped_steps: jax.Array
+    skipped_nonfinite: jax.Array
+    skipped_norm_spikes: jax.Array
+    skipped_loss_spikes: jax.Array
+    consecutive: jax.Array
+    rebased: jax.Array
+    grad_norm: jax.Array
+    norms: NormSketch
+    losses: NormSketch
+    inner_state: Any
+    name: SkipName = SkipName()
+
+
+def _log_median_and_sigma(sketch: NormSketch) -> tuple[jax.Array, jax.Array]:
+    """Median and robust sigma of the log-values in ``sketch`` (natural log units).
+
+    Buckets are evenly spaced in log value, so both come from bucket indices: the median
+    bucket, and the weighted median of every bucket's distance from it (the MAD), O(buckets).
+    """
+    counts = sketch.counts.astype(jnp.float32)
+    n = counts.shape[0]
+    half = 0.5 * jnp.sum(counts)
+    median = jnp.minimum(jnp.sum(jnp.cumsum(counts) < half), n - 1)
+    distance = jnp.abs(jnp.arange(n) - median)
+    folded = jax.ops.segment_sum(counts, distance, num_segments=n)
+    mad = jnp.sum(jnp.cumsum(folded) < half).astype(jnp.float32)
+    log_gamma = math.log(sketch.mapping.gamma)
+    return jnp.log(sketch.mapping.value(median)), MAD_TO_SIGMA * mad * log_gamma
+
+
+def _is_spike(sketch: NormSketch, value: jax.Array, k: Any, min_ratio: Any,
+              warmup: Any) -> jax.Array:
+    log_median, sigma = _log_median_and_sigma(sketch)
+    log_limit = log_median + jnp.maximum(k * sigma, jnp.log(jnp.float32(min_ratio)))
+    ready = sketch.recorded >= warmup
+    return ready & (jnp.log(jnp.maximum(value, 1e-30)) > log_limit)
+
+
+def _restart(sketch: NormSketch) -> NormSketch:
+    return dataclasses.replace(sketch, counts=jnp.zeros_like(sketch.counts),
+                               recorded=jnp.zeros_like(sketch.recorded))
+
+
+def skip_spikes(
+    inner: optax.GradientTransformation,
+    *,
+    k: float = 6.0,
+    min_ratio: float = 3.0,
+    window: int = 128,
+    warmup_steps: int = 20,
+    max_consecutive: int = 10,
+    relative_accuracy: float = 0.01,
+    axis_name: str | Sequence[str] | None = None,
+    name: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    r"""Skips the step when the gradient norm or the loss spikes, or either is non-finite.
+
+    With :math:`m` the median and :math:`\hat\sigma = 1.4826\,\mathrm{MAD}` the robust
+    spread of the log of the recent accepted values (about the last ``window``), a value
+    :math:`x` is a spike when
+
+    .. math::
+        \log x > m + \max(k\,\hat\sigma,\; \log \text{min\_ratio})
+
+    On a skipped step the update is all zeros, the inner state is returned bit for bit (no
+    moment update, no count increment) and the step is counted, with its reason. The loss is
+    checked when passed as an extra argument, ``tx.update(grads, state, params, loss=loss)``
+    (optax's ``GradientTransformationExtraArgs`` convention); only positive losses are
+    compared (the statistics are of log-values), a non-finite loss always skips.
+
+    Skipped and non-finite values never enter the statistics, so a NaN cannot poison them and
+    a spike cannot widen the spread. A lasting change of scale is accepted after
+    ``max_consecutive`` finite steps skipped in a row: that step is applied, the statistics
+    restart from it, and for the next ``warmup_steps`` steps only non-finite values are
+    skipped. The guard never skips a finite step forever, and never applies a non-finite one.
+
+    The gradient norm is the same single-read reduction as the clips'; with a gradclip_jax
+    clip inside ``inner``, XLA computes it once for both.
+
+    Args:
+      inner: the transformation to guard, for example
+        ``optax.chain(gradclip_jax.percentile_clip(), optax.adamw(1e-3))``.
+      k: > 0, the spike threshold in robust standard deviations of the log-values. The
+        default, 6, matches the mean + 6 sigma of MaxText and OLMo, on robust statistics.
+      min_ratio: > 1, the smallest ratio to the median that can be a spike, whatever the
+        spread (nearly constant norms have a spread of zero).
+      window: >= 2, about how many recent accepted values the statistics hold.
+      warmup_steps: >= 1, accepted values needed before a finite value can be a spike.
+      max_consecutive: >= 1, finite steps skipped in a row before the next one is accepted
+        as a change of scale.
+      relative_accuracy: in (0, 1), accuracy of the sketches (it fixes the state's shape).
+      axis_name: inside ``shard_map``, the mesh axis (or axes) the gradients are split over.
+      name: optional; prefixes this guard's :func:`gradclip_jax.stats` keys.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` whose state is a :class:`SkipState`.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, gradclip_jax
+      >>> tx = gradclip_jax.skip_spikes(optax.sgd(1.0), warmup_steps=5)
+      >>> state = tx.init({"w": jnp.zeros(1)})
+      >>> for g in [1.0, 1.1, 0.9, 1.0, 1.2]:
+      ...     _, state = tx.update({"w": jnp.array([g])}, state)
+      >>> updates, state = tx.update({"w": jnp.array([1000.0])}, state)  # a spike
+      >>> updates["w"].tolist(), int(gradclip_jax.stats(state)["skipped_norm_spikes"])
+      ([0.0], 1)
+    """
+    if not isinstance(inner, optax.GradientTransformation):
+        raise TypeError(
+            f"inner must be an optax GradientTransformation, got {type(inner).__name__}")
+    check_range("k", k, low=0.0)
+    check_range("min_ratio", min_ratio, low=1.0)
+    check_int("window", window, low=2)
+    check_int("warmup_steps", warmup_steps, low=1)
+    check_int("max_consecutive", max_consecutive, low=1)
+    check_range("relative_accuracy", relative_accuracy, low=0.0, high=1.0)
+    check_axis_name(axis_name)
+    check_name(name)
+    inner = optax.with_extra_args_support(inner)
+    decay = 1.0 - 1.0 / window
+
+    def init_fn(params):
+        zero = jnp.zeros((), jnp.int32)
+        sketch = sketch_init(float(relative_accuracy), weighted=True)
+        return SkipState(
+            count=zero, skipped_steps=zero, skipped_nonfinite=zero, skipped_norm_spikes=zero,
+            skipped_loss_spikes=zero, consecutive=zero, rebased=zero,
+            grad_norm=jnp.zeros((), jnp.float32), norms=sketch, losses=sketch,
+            inner_state=inner.init(params), name=SkipName(name),
+        )
+
+    def update_fn(updates, state, params=None, **extra_args):
+        loss = extra_args.get("loss")
+        measures = _norms.reduce_tree(updates, (_norms.SUMSQ,), axis_name)
+        norm = _norms.l2_from(measures).astype(jnp.float32)
+        finite = jnp.isfinite(norm)
+        norm_spike = finite & _is_spike(state.norms, norm, k, min_ratio, warmup_steps)
+        if loss is None:
+            loss_value, loss_spike = jnp.float32(1.0), jnp.bool_(False)
+        else:
+            loss_value = jnp.asarray(loss, jnp.float32).reshape(())
+            finite = finite & jnp.isfinite(loss_value)
+            loss_spike = (finite & (loss_value > 0)
+                          & _is_spike(state.losses, loss_value, k, min_ratio, warmup_steps))
+        spike = norm_spike | loss_spike
+        rebase = spike & (state.consecutive >= max_consecutive)
+        skip = ~finite | (spike & ~rebase)
+        skip, = computed_once(skip)
+
+        shared = {MEASURED: (jax.tree.leaves(updates), measures)}
+        new_updates, new_inner = inner.update(updates, state.inner_state, params,
+                                              **extra_args, **shared)
+        new_updates = jax.tree.map(
+            lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
+        new_inner = jax.tree.map(
+            lambda new, old: jnp.where(skip, old, new), new_inner, state.inner_state)
+
+        accept = ~skip
+        norms = jax.tree.map(lambda a, b: jnp.where(rebase, a, b),
+                             _restart(state.norms), state.norms)
+        losses = jax.tree.map(lambda a, b: jnp.where(rebase, a, b),
+                              _restart(state.losses), state.losses)
+        norms = sketch_add(norms, norm, accept, decay)
+        losses = sketch_add(losses, loss_value, accept & (loss is not None) & (loss_value > 0),
+                            decay)
+        as_int = lambda b: b.astype(jnp.int32)  # noqa: E731
+        skipped_finite = skip & finite
+        new_state = SkipState(
+            count=state.count + 1,
+            skipped_steps=state.skipped_steps + as_int(skip),
+            skipped_nonfinite=state.skipped_nonfinite + as_int(~finite),
+            skipped_norm_spikes=state.skipped_norm_spikes + as_int(skipped_finite & norm_spike),
+            skipped_loss_spikes=state.skipped_loss_spikes + as_int(skipped_finite & loss_spike),
+            consecutive=jnp.where(skipped_finite, state.consecutive + 1,
+                                  jnp.where(finite, 0, state.consecutive)),
+            rebased=state.rebased + as_int(rebase),
+            grad_norm=jnp.where(jnp.isfinite(norm), norm, state.grad_norm),
+            norms=norms,
+            losses=losses,
+            inner_state=new_inner,
+            name=state.name,
+        )
+        return new_updates, new_state
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

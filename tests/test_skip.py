@@ -1,0 +1,153 @@
+"""skip_spikes: what a skipped step leaves behind, what counts as a spike, and where it works."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import gradclip_jax as gc
+
+PARAMS = {"w": jnp.ones((4,)), "b": jnp.zeros((2,))}
+
+
+def guarded(**kw):
+    return gc.skip_spikes(optax.chain(gc.clip_by_global_norm(10.0), optax.adam(1e-2)), **kw)
+
+
+def grads_of_norm(norm):
+    direction = jax.tree.map(lambda x: jnp.ones_like(x), PARAMS)
+    total = math.sqrt(sum(x.size for x in jax.tree.leaves(PARAMS)))
+    return jax.tree.map(lambda x: x * (norm / total), direction)
+
+
+def run(tx, norms, losses=None):
+    """Scans norms (and losses) through tx; returns the final state and per-step skip flags."""
+    def step(state, xs):
+        norm, loss = xs
+        kwargs = {} if losses is None else {"loss": loss}
+        _, new = tx.update(grads_of_norm(norm), state, PARAMS, **kwargs)
+        return new, new.skipped_steps > state.skipped_steps
+
+    losses_ = jnp.ones(len(norms)) if losses is None else jnp.asarray(losses, jnp.float32)
+    state, skipped = jax.jit(lambda s, xs: jax.lax.scan(step, s, xs))(
+        tx.init(PARAMS), (jnp.asarray(norms, jnp.float32), losses_))
+    return state, np.asarray(skipped)
+
+
+def lognormal(seed, n, sigma=0.3):
+    return np.exp(np.random.default_rng(seed).normal(0.0, sigma, n))
+
+
+def test_a_spike_is_skipped_and_leaves_the_inner_state_bit_identical():
+    tx = guarded()
+    state, _ = run(tx, lognormal(0, 50))
+    before = state.inner_state
+    updates, state = jax.jit(tx.update)(grads_of_norm(1e3), state, PARAMS)
+    assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(updates))
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(state.inner_state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    s = gc.stats(state)
+    assert int(s["skipped_steps"]) == 1 and int(s["skipped_norm_spikes"]) == 1
+    assert int(state.count) == 51
+
+
+@settings(max_examples=20, deadline=None)
+@given(t=st.integers(0, 39), bad=st.sampled_from([math.nan, math.inf]),
+       in_loss=st.booleans())
+def test_a_nonfinite_step_leaves_the_statistics_as_they_were(t, bad, in_loss):
+    tx = guarded(warmup_steps=5)
+    norms = lognormal(1, 40)
+    losses = np.ones(40)
+    if in_loss:
+        losses[t] = bad
+    else:
+        norms[t] = bad
+    state, skipped = run(tx, norms[: t + 1], losses[: t + 1])
+    clean, _ = run(tx, norms[:t], losses[:t]) if t else (tx.init(PARAMS), None)
+    assert skipped[-1] and int(state.skipped_nonfinite) == 1
+    for a, b in zip(jax.tree.leaves((clean.norms, clean.losses, clean.inner_state)),
+                    jax.tree.leaves((state.norms, state.losses, state.inner_state)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_no_false_positives_on_stationary_noise():
+    for seed in range(3):
+        _, skipped = run(guarded(), lognormal(seed, 3000))
+        assert skipped.sum() <= 3000 / 500, (seed, skipped.sum())
+
+
+def test_rare_spikes_are_all_skipped_and_do_not_hide_the_next():
+    norms = lognormal(4, 1000)
+    spikes = np.arange(100, 1000, 37)
+    norms[spikes] *= 1e3
+    norms[spikes + 1] *= 1e3  # two in a row: the first must not widen the spread
+    _, skipped = run(guarded(), norms)
+    assert skipped[spikes].all() and skipped[spikes + 1].all()
+    assert skipped.sum() <= 2 * len(spikes) + 2
+
+
+def test_a_lasting_change_of_scale_is_accepted_after_a_bounded_number_of_skips():
+    norms = np.concatenate([lognormal(5, 300), 30 * lognormal(6, 300)])
+    state, skipped = run(guarded(max_consecutive=10), norms)
+    assert skipped[300:311].sum() == 10 and not skipped[310]
+    assert skipped[311:].sum() <= 2  # the baseline moved to the new scale
+    assert int(state.rebased) == 1
+
+
+def test_never_applies_a_nonfinite_update():
+    tx = guarded(max_consecutive=2)
+    state = tx.init(PARAMS)
+    for _ in range(6):
+        updates, state = tx.update(grads_of_norm(math.nan), state, PARAMS)
+        assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(updates))
+    assert int(state.skipped_nonfinite) == 6
+
+
+def test_loss_spikes_are_skipped_when_the_loss_is_passed():
+    losses = 2.0 * lognormal(7, 200, 0.05)
+    losses[150] = 50.0
+    state, skipped = run(guarded(), np.ones(200), losses)
+    assert skipped[150] and skipped.sum() == 1
+    assert int(state.skipped_loss_spikes) == 1
+
+
+def test_stats_and_diagnose_report_skips_next_to_the_clip():
+    norms = lognormal(8, 200)
+    norms[[120, 160]] = 1e4
+    state, _ = run(guarded(name="guard"), norms)
+    s = gc.host_stats(state)
+    assert s["guard/skipped_steps"] == 2 and s["guard/skipped_norm_spikes"] == 2
+    assert "grad_norm" in s  # the clip inside keeps its plain keys
+    messages = [f.message for f in gc.diagnose(state)]
+    assert any("skipped 2 of 200 steps" in m and "2 gradient-norm spikes" in m
+               for m in messages)
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (dict(k=0.0), ValueError, "k must be in"),
+    (dict(min_ratio=1.0), ValueError, "min_ratio must be in"),
+    (dict(window=1), ValueError, "window must be an integer >= 2"),
+    (dict(warmup_steps=0), ValueError, "warmup_steps must be an integer >= 1"),
+    (dict(max_consecutive=0), ValueError, "max_consecutive must be an integer >= 1"),
+    (dict(name=""), ValueError, "name must be"),
+])
+def test_bad_arguments_fail_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        gc.skip_spikes(optax.sgd(0.1), **kwargs)
+    with pytest.raises(TypeError, match="inner must be an optax GradientTransformation"):
+        gc.skip_spikes(lambda g: g)
+
+
+def test_works_inside_multisteps_and_inject_hyperparams():
+    inner = optax.inject_hyperparams(optax.adam)(learning_rate=1e-2)
+    tx = optax.MultiSteps(gc.skip_spikes(inner, warmup_steps=3), every_k_schedule=2)
+    state = tx.init(PARAMS)
+    update = jax.jit(tx.update)
+    for norm in [1.0, 1.1, 0.9, 1.0, 1.2, 0.95, 1.0, 1.05, 1e4, 1e4]:
+        _, state = update(grads_of_norm(norm), state, PARAMS)
+    assert int(gc.stats(state)["skipped_norm_spikes"]) == 1  # one emitted step held the spike
