@@ -63,3 +63,27 @@ def test_restore_continues_bit_identically(tmp_path, step_fn):
     # The percentile clip's histogram and counters came through the checkpoint.
     assert int(gc.stats(res_s)["adaptive/count"]) == 40
     assert int(res_s[1].histogram.recorded) == 40
+
+
+def test_skip_spikes_state_restores_and_continues_bit_identically(tmp_path):
+    tx = gc.skip_spikes(optax.chain(gc.percentile_clip(), optax.adam(1e-2)), warmup_steps=3)
+
+    @jax.jit
+    def step(params, opt_state, i):
+        updates, opt_state = tx.update(grads_at(i, params), opt_state, params,
+                                       loss=jnp.float32(1.0) + i % 5)
+        return optax.apply_updates(params, updates), opt_state
+
+    params = {"w": jnp.ones((8, 4)), "b": jnp.zeros((4,))}
+    full_p, full_s = run(step, params, tx.init(params), 0, 30)
+    mid_p, mid_s = run(step, params, tx.init(params), 0, 15)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(tmp_path / "skip", {"params": mid_p, "opt_state": mid_s})
+    abstract = jax.eval_shape(lambda: {"params": params, "opt_state": tx.init(params)})
+    with ocp.StandardCheckpointer() as ckptr:
+        restored = ckptr.restore(tmp_path / "skip", abstract)
+    res_p, res_s = run(step, restored["params"], restored["opt_state"], 15, 30)
+    for a, b in zip(jax.tree.leaves((full_p, full_s)), jax.tree.leaves((res_p, res_s)),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert int(gc.stats(res_s)["skipped_norm_spikes"]) > 0  # the x50 steps were skipped

@@ -80,3 +80,29 @@ def test_linen_train_state(clip):
     assert int(s["count"]) == 5
     assert int(s["clipped_steps"]) == 5  # targets of ~100 give gradients far above 1
     assert float(s["threshold"]) in (1.0, 0.5)
+
+
+def test_nnx_optimizer_with_skip_spikes_and_the_loss():
+    model = MLP(nnx.Rngs(0))
+    tx = gc.skip_spikes(optax.chain(gc.percentile_clip(), optax.adamw(1e-3)), warmup_steps=5)
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    @nnx.jit
+    def train_step(model, optimizer, x, y, scale):
+        def loss_fn(model):
+            return scale * jnp.mean((model(x) - y) ** 2)
+
+        loss, grads = nnx.value_and_grad(loss_fn)(model)
+        optimizer.update(model, grads, loss=loss)
+        return loss
+
+    for i in range(12):
+        train_step(model, optimizer, *batch(i), jnp.float32(1.0))
+    before = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
+    train_step(model, optimizer, *batch(12), jnp.float32(1e6))  # loss and gradients spike
+    after = nnx.state(model, nnx.Param)
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
+        assert jnp.array_equal(a, b)
+    s = gc.host_stats(optimizer.opt_state)
+    assert s["skipped_steps"] == 1 and s["skipped_norm_spikes"] == 1
+    assert s["skipped_loss_spikes"] == 1 and s["count"] == 12  # the clip did not see it

@@ -174,3 +174,36 @@ def test_pmap_data_parallel_after_pmean():
         assert_trees_close(jax.tree.map(lambda x: x[0], out), ref)
         state = jax.tree.map(lambda x: x[0], states)
     assert_trees_close(state, ref_state)
+
+
+def test_skip_spikes_decides_the_same_on_8_devices_as_on_1():
+    mesh = jax.make_mesh((2, 4), ("data", "model"))
+    specs = {"embed": P("data", "model"), "dense": P(None, "model"), "bias": P("model"),
+             "scale": P()}
+    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+    tx = gc.skip_spikes(optax.chain(gc.percentile_clip(), optax.adam(1e-2)), warmup_steps=5)
+    scales = np.exp(np.random.default_rng(0).normal(0, 0.2, 30))
+    scales[[12, 20, 21]] = 1e3
+    stream = [jax.tree.map(lambda x, s=s: s * x, make_params(jax.random.key(i)))
+              for i, s in enumerate(scales)]
+
+    def run(put, step):
+        p = put(make_params(jax.random.key(99)))
+        s = tx.init(p)
+        skipped = []
+        for g in stream:
+            before = int(s.skipped_steps)
+            p, s = step(p, s, put(g))
+            skipped.append(int(s.skipped_steps) > before)
+        return p, s, skipped
+
+    def step(params, state, g):
+        updates, state = tx.update(g, state, params)
+        return optax.apply_updates(params, updates), state
+
+    ref_p, ref_s, ref_skipped = run(lambda x: x, jax.jit(step))
+    p, s, skipped = run(lambda x: jax.device_put(x, shardings),
+                        jax.jit(step, out_shardings=(shardings, None)))
+    assert skipped == ref_skipped and sum(skipped) == 3
+    assert_trees_close(p, ref_p)
+    assert_trees_close(s, ref_s)
