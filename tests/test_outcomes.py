@@ -144,3 +144,20 @@ def test_outcomes_command_writes_table_json_and_plots(tmp_path, monkeypatch):
     assert {s["key"] for s in results["scenarios"]} == {"rnn_sgd", "rnn_momentum"}
     assert (out / "outcomes_rnn_sgd.png").stat().st_size > 10_000
     assert jax.tree.leaves(results)  # plain JSON values throughout
+
+
+def test_the_guarded_policy_skips_the_injected_spikes_past_its_warmup():
+    task = tasks.lstm(quick=True)
+    spiked = tuple(a for a in task.arms if a.spikes)[:1]
+    task = tasks.Task(**{**task.__dict__, "arms": spiked})
+    guarded = [f for f in harness.families() if f.guarded]
+    assert [f.tasks for f in guarded] == [("lstm",)]
+    logs = harness.run_task(task, guarded)
+    skipped = logs[harness.GUARDED]["skipped"][0]
+    late = [t for t in task.spike_steps if t >= 20]  # skip_spikes' default warmup_steps
+    assert late and skipped[late].all()
+    assert skipped.sum() <= len(task.spike_steps)
+    # Families for other tasks are left out of the RNN's programs.
+    assert harness.GUARDED not in harness.run_task(
+        tasks.Task(**{**tasks.rnn(quick=True).__dict__, "steps": 10, "eval_every": 5,
+                      "arms": tasks.rnn(quick=True).arms[:1]}), guarded)

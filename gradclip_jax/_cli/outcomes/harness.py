@@ -25,6 +25,7 @@ FIXED_C = (0.1, 0.3, 1.0, 3.0, 10.0)
 NO_CLIP = float(np.finfo(np.float32).max)
 DEFAULT = "percentile_clip()"
 REFERENCE = "c=1"
+GUARDED = "percentile_clip() + skip_spikes"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +35,8 @@ class Family:
     name: str
     make: Callable[[jax.Array, Task], optax.GradientTransformation]
     variants: dict[str, float]
+    guarded: bool = False  # wrap clip + optimizer in skip_spikes, and pass it the loss
+    tasks: tuple[str, ...] | None = None  # the tasks it runs on (None: all)
 
 
 def families() -> list[Family]:
@@ -45,6 +48,9 @@ def families() -> list[Family]:
                {"AutoClip p10": 10.0, "AutoClip p90": 90.0}),
         Family("zclip", lambda p, task: baselines.zclip(), {"ZClip": 0.0}),
         Family("default", lambda p, task: gc.percentile_clip(), {DEFAULT: 0.0}),
+        # Clip alone against clip + skip, where the spikes are (the LSTM's spikes arm).
+        Family("guarded", lambda p, task: gc.percentile_clip(), {GUARDED: 0.0},
+               guarded=True, tasks=("lstm",)),
     ]
 
 
@@ -57,10 +63,19 @@ def _threshold(state: Any) -> jax.Array:
     return jnp.where(t >= NO_CLIP, jnp.inf, t)
 
 
+def _skipped(state: Any) -> jax.Array:
+    """Steps a skip_spikes guard in ``state`` has skipped (0 without one)."""
+    found = [s for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, gc.SkipState))
+             if isinstance(s, gc.SkipState)]
+    return found[0].skipped_steps if found else jnp.zeros((), jnp.int32)
+
+
 def _train_one(task: Task, family: Family, param, arm: dict[str, jax.Array]):
     k_init, k_data = jax.random.split(jax.random.key(arm["seed"]))
     params = task.init(k_init)
     tx = optax.chain(family.make(param, task), task.optimizer(arm["lr"], arm["momentum"]))
+    if family.guarded:
+        tx = gc.skip_spikes(tx)
     opt_state = tx.init(params)
     spike_steps = jnp.asarray(task.spike_steps or (-1,), jnp.int32)
 
@@ -74,9 +89,11 @@ def _train_one(task: Task, family: Family, param, arm: dict[str, jax.Array]):
         spike = arm["spikes"] & jnp.any(t == spike_steps)
         grads = jax.tree.map(lambda g: g * jnp.where(spike, SPIKE_FACTOR, 1.0), grads)
         norm = gc.global_norm(grads)
-        updates, opt_state = tx.update(grads, opt_state, params)
+        extra = {"loss": loss} if family.guarded else {}
+        updates, new_state = tx.update(grads, opt_state, params, **extra)
         params = optax.apply_updates(params, updates)
-        return (params, opt_state), (loss / arm["scale"], norm, _threshold(opt_state))
+        skipped = _skipped(new_state) > _skipped(opt_state)
+        return (params, new_state), (loss / arm["scale"], norm, _threshold(new_state), skipped)
 
     def chunk(carry, start):
         carry, logs = jax.lax.scan(step, carry, start + jnp.arange(task.eval_every))
@@ -99,10 +116,11 @@ def run_family(task: Task, family: Family) -> dict[str, np.ndarray]:
 
     one = lambda p, a: _train_one(task, family, p, a)  # noqa: E731
     over_arms = jax.vmap(one, in_axes=(None, 0))
-    train_loss, norm, threshold, val = jax.jit(jax.vmap(over_arms, in_axes=(0, None)))(
-        values, arms)
+    train_loss, norm, threshold, skipped, val = jax.jit(
+        jax.vmap(over_arms, in_axes=(0, None)))(values, arms)
     return {"train_loss": np.asarray(train_loss), "grad_norm": np.asarray(norm),
-            "threshold": np.asarray(threshold), "val_loss": np.asarray(val)}
+            "threshold": np.asarray(threshold), "skipped": np.asarray(skipped),
+            "val_loss": np.asarray(val)}
 
 
 def run_task(task: Task, fams: list[Family] | None = None,
@@ -110,6 +128,8 @@ def run_task(task: Task, fams: list[Family] | None = None,
     """Per-policy logs of every arm of ``task``: {policy: {metric: (arms, ...)}}."""
     out: dict[str, dict[str, np.ndarray]] = {}
     for family in fams if fams is not None else families():
+        if family.tasks is not None and task.name not in family.tasks:
+            continue
         logs = run_family(task, family)
         for i, name in enumerate(family.variants):
             out[name] = {k: v[i] for k, v in logs.items()}
@@ -169,7 +189,8 @@ def scenario_metrics(task: Task, logs: dict[str, dict[str, np.ndarray]],
     rows = {}
     for p, m in sub.items():
         finite = np.isfinite(m["threshold"]) & np.isfinite(m["grad_norm"])
-        clipped = finite & (m["grad_norm"] > m["threshold"])
+        skipped = m.get("skipped", np.zeros_like(finite))
+        clipped = finite & (m["grad_norm"] > m["threshold"]) & ~skipped
         rows[p] = {
             "lost": int(lost(m).sum()),
             "runs": len(idx),
@@ -179,6 +200,7 @@ def scenario_metrics(task: Task, logs: dict[str, dict[str, np.ndarray]],
             "vs_best_fixed_pct": 100.0 * (mean[p] - mean[best_fixed]) / mean[best_fixed],
             "gap_to_best_per_lr": float(np.mean(per_lr[p] - best_at_lr)),
             "clipped_pct": 100.0 * float(clipped.mean()),
+            "skipped_pct": 100.0 * float(skipped.mean()),
             "loss_spikes": float(np.mean(loss_spikes(m, task.warmup))),
         }
     return {"lrs": lrs, "best_fixed": best_fixed, "rows": rows}

@@ -60,6 +60,11 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{r['vs_c1']:+.4f} ({r['vs_c1_wins']}/{r['runs']}) | "
                 f"{r['vs_best_fixed_pct']:+.2f}% | {r['gap_to_best_per_lr']:.4f} | "
                 f"{r['clipped_pct']:.1f}% | {r['loss_spikes']:.1f} |")
+        skips = [f"`{n}` skipped {r['skipped_pct']:.1f}% of steps"
+                 for n, r in sc["rows"].items() if r.get("skipped_pct", 0.0) > 0]
+        if skips:
+            lines += ["", "Skipped steps (zero update, optimizer state unchanged): "
+                      + "; ".join(skips) + "."]
     lines += ["", verdict(results)]
     return "\n".join(lines)
 
