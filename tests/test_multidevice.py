@@ -207,3 +207,32 @@ def test_skip_spikes_decides_the_same_on_8_devices_as_on_1():
     assert skipped == ref_skipped and sum(skipped) == 3
     assert_trees_close(p, ref_p)
     assert_trees_close(s, ref_s)
+
+
+def test_skip_spikes_in_shard_map_model_parallel():
+    mesh = jax.make_mesh((8,), ("model",))
+    specs = model_parallel_specs()
+    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs)
+
+    def make(axis_name=None):
+        inner = optax.chain(gc.clip_by_global_norm(2.0, axis_name=axis_name), optax.sgd(0.1))
+        return gc.skip_spikes(inner, warmup_steps=3, axis_name=axis_name)
+
+    scales = np.exp(np.random.default_rng(1).normal(0, 0.2, 12))
+    scales[[6, 9]] = 1e3
+    stream = [jax.tree.map(lambda x, s=s: s * x, make_params(jax.random.key(i)))
+              for i, s in enumerate(scales)]
+    ref_outs, ref_state = single_device_run(make(), stream)
+    tx = make("model")
+
+    @jax.jit
+    @partial(jax.shard_map, mesh=mesh, in_specs=(specs, P()), out_specs=(specs, P()))
+    def update(g, state):
+        return tx.update(g, state)
+
+    state = tx.init(stream[0])
+    for g, ref in zip(stream, ref_outs, strict=True):
+        out, state = update(jax.device_put(g, shardings), state)
+        assert_trees_close(out, ref)
+    assert_trees_close(state, ref_state)
+    assert int(state.skipped_norm_spikes) == 2

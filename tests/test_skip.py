@@ -151,3 +151,19 @@ def test_works_inside_multisteps_and_inject_hyperparams():
     for norm in [1.0, 1.1, 0.9, 1.0, 1.2, 0.95, 1.0, 1.05, 1e4, 1e4]:
         _, state = update(grads_of_norm(norm), state, PARAMS)
     assert int(gc.stats(state)["skipped_norm_spikes"]) == 1  # one emitted step held the spike
+
+
+def test_the_guard_itself_under_inject_hyperparams():
+    inner = optax.chain(gc.clip_by_global_norm(1.0), optax.adam(1e-2))
+    tx = optax.inject_hyperparams(gc.skip_spikes)(inner, k=6.0, warmup_steps=3)
+    state = tx.init(PARAMS)
+    update = jax.jit(tx.update)
+    for norm in [1.0, 1.1, 0.9, 1.0, 1.2, 1e4]:
+        _, state = update(grads_of_norm(norm), state, PARAMS)
+    assert int(gc.stats(state)["skipped_norm_spikes"]) == 1
+    _, state = update(grads_of_norm(1.5), state, PARAMS)
+    assert int(gc.stats(state)["skipped_norm_spikes"]) == 1  # 1.5x the median is no spike
+    state.hyperparams["min_ratio"] = jnp.asarray(1.2)  # injected at run time
+    state.hyperparams["k"] = jnp.asarray(0.5)
+    _, state = update(grads_of_norm(1.5), state, PARAMS)
+    assert int(gc.stats(state)["skipped_norm_spikes"]) == 2
