@@ -56,6 +56,13 @@ def _accum_dtype(dtype: Any) -> Any:
 
 def _as_real(x: jax.Array, kind: str, acc: Any) -> tuple[str, jax.Array]:
     """A real array whose measure ``kind`` equals that of ``x`` (complex: of ``|x|``)."""
+    if x.dtype == jnp.bfloat16:
+        # XLA's CPU backend computes bfloat16 arithmetic in float32, so the optimizer's
+        # elementwise update converts the gradient too. Merged with this convert, the float32
+        # copy would be written out and read back (4 passes over the leaf's bytes, measured);
+        # behind the barrier the convert stays inside the reduction. (float16 converts are
+        # written out whatever is done here: the CPU backend's reduction library takes none.)
+        return kind, lax.optimization_barrier(x).astype(acc)
     if not jnp.issubdtype(x.dtype, jnp.complexfloating):
         return kind, x.astype(acc)
     if kind == SUMSQ:
@@ -69,7 +76,10 @@ def _elementwise(kind: str, x: jax.Array) -> jax.Array:
     if kind == SUMSQ:
         return x * x
     if kind == SUMSQ_LO:
-        return jnp.square(x * _LO_SCALE)
+        # A scale of its own per leaf (through a barrier): one constant shared by every leaf
+        # of a shape would be broadcast once, written out, and read by each reduction.
+        x, scale = lax.optimization_barrier((x, jnp.asarray(_LO_SCALE, x.dtype)))
+        return jnp.square(x * scale)
     if kind == _SQUARED:
         return x
     return jnp.abs(x)

@@ -135,3 +135,21 @@ def test_guard_clip_and_adamw_read_the_gradients_at_most_twice_more():
     tx = gc.skip_spikes(optax.chain(gc.clip_by_global_norm(1.0), optax.adamw(1e-3)))
     extra = (bytes_accessed(tx, PARAMS) - bytes_accessed(base, PARAMS)) / gradient_bytes(PARAMS)
     assert extra <= 2.05
+
+
+@pytest.mark.parametrize("clip", [gc.clip_by_global_norm(1.0), gc.percentile_clip()],
+                         ids=["norm", "percentile"])
+def test_bfloat16_norms_write_no_float32_copy(clip):
+    dtype = jnp.bfloat16
+    # XLA's CPU backend computes bf16 arithmetic in float32; the optimizer's converts and
+    # the norm's must not merge (the merged float32 copy of every leaf was written out and
+    # read back: 9.3 passes over a bf16 tree instead of 3), nor may one broadcast scale be
+    # shared by every leaf of a shape.
+    entry = _entry(_compiled_step_text(clip, 8, dtype))
+    assert not re.search(rf"= f32\[{ODD}\]", entry)
+    params = [jnp.zeros((ODD,), dtype) for _ in range(8)]
+    state = clip.init(None)
+    compiled = jax.jit(lambda g: clip.update(g, state)[0]).lower(params).compile()
+    nbytes = sum(x.size * x.dtype.itemsize for x in params)
+    # Read for the norm, read for the update, write the update: 3 passes.
+    assert compiled.cost_analysis()["bytes accessed"] / nbytes <= 3.05
