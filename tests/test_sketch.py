@@ -87,9 +87,13 @@ def test_state_size_is_fixed_and_small():
 def test_counts_keep_increasing_in_long_runs(weighted, decay):
     sketch = sketch_init(0.01, weighted=weighted)
     big_bucket, small_bucket = 1000, 1200
-    limit = 2**30 if not weighted else 2**24
+    # A state as a long run leaves it, 4 values before a halving is due: the counts' total is
+    # at its largest, twice the halving period.
+    period = 2**29 if not weighted else 2**22
+    limit = 2 * period
     counts = sketch.counts.at[big_bucket].set(limit - 4).at[small_bucket].set(limit // 4)
-    sketch = dataclasses.replace(sketch, counts=counts)
+    sketch = dataclasses.replace(sketch, counts=counts, recorded=jnp.asarray(
+        3 * period - 4, jnp.int32))
     value = sketch.mapping.value(small_bucket)
     before = float(sketch_quantile(sketch, 0.9))
     for _ in range(8):
@@ -99,7 +103,7 @@ def test_counts_keep_increasing_in_long_runs(weighted, decay):
         ratio_after = float(new.counts[small_bucket]) / float(new.counts[big_bucket])
         assert ratio_after > ratio_before
         sketch = new
-    assert int(sketch.recorded) == 8
+    assert int(sketch.recorded) == 3 * period + 4
     assert float(jnp.sum(sketch.counts.astype(jnp.float32))) < limit
     assert float(sketch_quantile(sketch, 0.9)) == pytest.approx(before, rel=0.03)
 
