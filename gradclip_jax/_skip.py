@@ -120,7 +120,8 @@ def skip_spikes(
     .. math::
         \log x > m + \max(k\,\hat\sigma,\; \log \text{min\_ratio})
 
-    On a skipped step the update is all zeros, the inner state is returned bit for bit (no
+    On a skipped step the update is all zeros (-0.0, so that ``optax.apply_updates`` returns
+    the parameters bit for bit), the inner state is returned bit for bit (no
     moment update, no count increment) and the step is counted, with its reason. The loss is
     checked when passed as an extra argument, ``tx.update(grads, state, params, loss=loss)``
     (optax's ``GradientTransformationExtraArgs`` convention); only positive losses are
@@ -208,8 +209,10 @@ def skip_spikes(
         shared = {MEASURED: (jax.tree.leaves(updates), measures)}
         new_updates, new_inner = inner.update(updates, state.inner_state, params,
                                               **extra_args, **shared)
+        # -0.0, not 0.0: p + (-0.0) is p bit for bit, a parameter of -0.0 included, so a
+        # skipped step leaves the parameters exactly as they were.
         new_updates = jax.tree.map(
-            lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
+            lambda u: jnp.where(skip, jnp.full_like(u, -0.0), u), new_updates)
         new_inner = jax.tree.map(
             lambda new, old: jnp.where(skip, old, new), new_inner, state.inner_state)
 

@@ -2,6 +2,7 @@
 
 import math
 
+import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -167,3 +168,24 @@ def test_the_guard_itself_under_inject_hyperparams():
     state.hyperparams["k"] = jnp.asarray(0.5)
     _, state = update(grads_of_norm(1.5), state, PARAMS)
     assert int(gc.stats(state)["skipped_norm_spikes"]) == 2
+
+
+@settings(max_examples=25, deadline=None)
+@given(params=hnp.arrays(np.float32, st.integers(1, 6),
+                         elements=st.floats(-2.0**100, 2.0**100, width=32)),
+       spike=st.sampled_from([1e4, math.nan, math.inf]))
+def test_a_skipped_step_leaves_parameters_and_inner_state_bit_identical(params, spike):
+    params = {"p": jnp.asarray(params).at[0].set(-0.0)}  # a negative zero, too
+    tx = gc.skip_spikes(optax.chain(gc.percentile_clip(), optax.adamw(1e-2)), warmup_steps=3)
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for g in (1.0, 1.2, 0.9, 1.1):
+        _, state = update({"p": jnp.full_like(params["p"], g)}, state, params)
+    updates, new_state = update({"p": jnp.full_like(params["p"], spike)}, state, params)
+    new_params = optax.apply_updates(params, updates)
+    assert int(new_state.skipped_steps) == 1
+    bits = lambda x: np.asarray(x).view(np.uint32)  # noqa: E731
+    np.testing.assert_array_equal(bits(new_params["p"]), bits(params["p"]))
+    for a, b in zip(jax.tree.leaves(state.inner_state), jax.tree.leaves(new_state.inner_state),
+                    strict=True):
+        np.testing.assert_array_equal(bits(a), bits(b))
