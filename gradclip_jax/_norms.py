@@ -46,6 +46,7 @@ MAXABS = "maxabs"
 _LO_SCALE = 2.0**-16
 
 _MAX_KINDS = frozenset({MAXABS})
+_TAGS = {SUMSQ: 0, SUMSQ_LO: 1, ABSSUM: 2, MAXABS: 3}
 _SQUARED = "squared"  # internal: values that are already the squares to sum
 
 
@@ -62,7 +63,9 @@ def _as_real(x: jax.Array, kind: str, acc: Any) -> tuple[str, jax.Array]:
         # copy would be written out and read back (4 passes over the leaf's bytes, measured);
         # behind the barrier the convert stays inside the reduction. (float16 converts are
         # written out whatever is done here: the CPU backend's reduction library takes none.)
-        return kind, lax.optimization_barrier(x).astype(acc)
+        # One barrier per measure (the tag differs), or the measures would share one copy.
+        x, _ = lax.optimization_barrier((x, jnp.asarray(_TAGS[kind], jnp.int32)))
+        return kind, x.astype(acc)
     if not jnp.issubdtype(x.dtype, jnp.complexfloating):
         return kind, x.astype(acc)
     if kind == SUMSQ:
