@@ -161,8 +161,8 @@ def skip_spikes(
       >>> for g in [1.0, 1.1, 0.9, 1.0, 1.2]:
       ...     _, state = tx.update({"w": jnp.array([g])}, state)
       >>> updates, state = tx.update({"w": jnp.array([1000.0])}, state)  # a spike
-      >>> updates["w"].tolist(), int(gradclip_jax.stats(state)["skipped_norm_spikes"])
-      ([0.0], 1)
+      >>> bool((updates["w"] == 0).all()), int(gradclip_jax.stats(state)["skipped_norm_spikes"])
+      (True, 1)
     """
     if not isinstance(inner, optax.GradientTransformation):
         raise TypeError(
