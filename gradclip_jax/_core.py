@@ -51,7 +51,7 @@ LONG_RATE = 1.0 / 500.0
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
 class ClipName:
-    """The name a clip transform was given, kept in its state as static data (no array)."""
+    """The name a clip transform (or a skip guard) was given, kept in its state as static data."""
 
     value: str | None = None
 

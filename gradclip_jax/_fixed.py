@@ -141,9 +141,8 @@ def clip_by_value(
       nonfinite: ``"zero"`` (default) or ``"propagate"``, as for :func:`clip_by_global_norm`.
       axis_name: inside ``shard_map``, the mesh axis (or axes) the update is split over; only
         the diagnostics (norm, "was anything clipped") need it.
-      name: optional; prefixes this transform's :func:`gradclip_jax.stats` keys
-        (``"<name>/grad_norm"``) and names it in :func:`gradclip_jax.diagnose`. Give one to
-        each clip when a state holds several; a single unnamed clip has plain keys.
+      name: optional; prefixes this transform's :func:`gradclip_jax.stats` keys, as for
+        :func:`clip_by_global_norm`.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs``.

@@ -21,20 +21,12 @@ import jax.numpy as jnp
 import optax
 
 from gradclip_jax import _norms
-from gradclip_jax._core import MEASURED, computed_once
+from gradclip_jax._core import MEASURED, ClipName, computed_once
 from gradclip_jax._sketch import NormSketch, sketch_add, sketch_init
 from gradclip_jax._validation import check_axis_name, check_int, check_name, check_range
 
 MAD_TO_SIGMA = 1.4826
 """The median absolute deviation of a normal sample times this estimates its sigma."""
-
-
-@jax.tree_util.register_static
-@dataclasses.dataclass(frozen=True)
-class SkipName:
-    """The name a guard was given, kept in its state as static data (no array)."""
-
-    value: str | None = None
 
 
 class SkipState(NamedTuple):
@@ -66,7 +58,7 @@ class SkipState(NamedTuple):
     norms: NormSketch
     losses: NormSketch
     inner_state: Any
-    name: SkipName = SkipName()
+    name: ClipName = ClipName()
 
 
 def _log_median_and_sigma(sketch: NormSketch) -> tuple[jax.Array, jax.Array]:
@@ -185,7 +177,7 @@ def skip_spikes(
             count=zero, skipped_steps=zero, skipped_nonfinite=zero, skipped_norm_spikes=zero,
             skipped_loss_spikes=zero, consecutive=zero, rebased=zero,
             grad_norm=jnp.zeros((), jnp.float32), norms=sketch, losses=sketch,
-            inner_state=inner.init(params), name=SkipName(name),
+            inner_state=inner.init(params), name=ClipName(name),
         )
 
     def update_fn(updates, state, params=None, **extra_args):
