@@ -61,15 +61,33 @@ class ClipEach(Apply):
         return threshold
 
     def leaf(self, g: jax.Array, factor: jax.Array) -> jax.Array:
-        # Coordinates within the limit are selected, not passed through clip, so they come
-        # back bit for bit (subnormals included). Comparisons rather than abs(g): an abs here
-        # would be shared with the norm's reduction, and XLA would then write it out and read
-        # it back.
+        return self.update_leaf(g, (factor,), zero_nonfinite=False)
+
+    def step_scalars(self, threshold: jax.Array, measured: jax.Array, clipped: jax.Array,
+                     finite: jax.Array, zero_nonfinite: bool) -> tuple[jax.Array, ...]:
+        # One bound does it all: a finite step is bounded by the threshold (coordinates
+        # within it are kept whether or not the step is clipped); a non-finite one by 0
+        # (zeros) or by infinity (passed through).
+        del measured, clipped
+        other = 0.0 if zero_nonfinite else jnp.inf
+        return (jnp.where(finite, threshold, other),)
+
+    def update_leaf(self, g: jax.Array, scalars: tuple[jax.Array, ...],
+                    zero_nonfinite: bool) -> jax.Array:
+        # Two comparisons and two selects per coordinate. Coordinates within the bound are
+        # selected, not passed through min/max, so they come back bit for bit (subnormals
+        # included); comparisons rather than abs(g), which XLA would share with the norm's
+        # reduction, then write out and read back. The bound is compared in at least float32
+        # and rounded once into the leaf's dtype.
         wide = jnp.promote_types(g.dtype, jnp.float32)
-        limit = factor.astype(wide)
+        hi = scalars[0].astype(wide)
         x = g.astype(wide)
-        bounded = jnp.clip(x, -limit, limit).astype(g.dtype)
-        return jnp.where((x > limit) | (x < -limit), bounded, g)
+        upper, lower = hi.astype(g.dtype), (-hi).astype(g.dtype)
+        if zero_nonfinite:
+            # NaN fails both comparisons and becomes the bound, 0 on a non-finite step.
+            return jnp.where(x <= hi, jnp.where(x >= -hi, g, lower), upper)
+        # NaN passes both comparisons and is kept, as nonfinite="propagate" asks.
+        return jnp.where(x > hi, upper, jnp.where(x < -hi, lower, g))
 
     def check_leaf(self, path: str, dtype: Any) -> None:
         if jnp.issubdtype(dtype, jnp.complexfloating):
