@@ -113,7 +113,8 @@ def skip_spikes(
         \log x > m + \max(k\,\hat\sigma,\; \log \text{min\_ratio})
 
     On a skipped step the update is all zeros (-0.0, so that ``optax.apply_updates`` returns
-    the parameters bit for bit), the inner state is returned bit for bit (no
+    the parameters bit for bit; on CPU, XLA flushes subnormal parameters to zero in any
+    addition), the inner state is returned bit for bit (no
     moment update, no count increment) and the step is counted, with its reason. The loss is
     checked when passed as an extra argument, ``tx.update(grads, state, params, loss=loss)``
     (optax's ``GradientTransformationExtraArgs`` convention); only positive losses are

@@ -172,7 +172,10 @@ def test_the_guard_itself_under_inject_hyperparams():
 
 @settings(max_examples=25, deadline=None)
 @given(params=hnp.arrays(np.float32, st.integers(1, 6),
-                         elements=st.floats(-2.0**100, 2.0**100, width=32)),
+                         # Subnormals excluded: XLA's CPU backend flushes them to zero in
+                         # any addition, p + (-0.0) included.
+                         elements=st.floats(-2.0**100, 2.0**100, width=32,
+                                            allow_subnormal=False)),
        spike=st.sampled_from([1e4, math.nan, math.inf]))
 def test_a_skipped_step_leaves_parameters_and_inner_state_bit_identical(params, spike):
     params = {"p": jnp.asarray(params).at[0].set(-0.0)}  # a negative zero, too
