@@ -104,6 +104,11 @@ def test_scenario_metrics_pair_by_run_and_pick_the_best_fixed_c_in_hindsight():
     assert row["vs_c1"] == pytest.approx(np.mean([-0.5, -0.5, -0.4, -0.2]))
     assert row["vs_c1_wins"] == 4
     assert row["vs_best_fixed_pct"] == pytest.approx(100 * (2.1 - 2.0) / 2.0)
+    # The paired interval: every resample is 0% to 15% above c=0.3's 2.0, so it lies in
+    # there and holds the point estimate; c=0.3 against itself is exactly 0.
+    lo, hi = row["vs_best_fixed_ci"]
+    assert 0.0 <= lo <= row["vs_best_fixed_pct"] <= hi <= 15.0
+    assert m["rows"]["c=0.3"]["vs_best_fixed_ci"] == [0.0, 0.0]
     # gap per lr: at 0.1 the best is 2.0 (default and c=0.3 tie), at 1.0 the best is c=0.3's 2.0
     assert row["gap_to_best_per_lr"] == pytest.approx(np.mean([0.0, 0.2]))
     assert m["rows"]["no clip"]["lost"] == 1

@@ -186,6 +186,7 @@ def scenario_metrics(task: Task, logs: dict[str, dict[str, np.ndarray]],
     per_lr = {p: np.array([np.mean(f[[a.lr == lr for a in arms]]) for lr in lrs])
               for p, f in finals.items()}
     best_at_lr = np.min(np.stack(list(per_lr.values())), axis=0)
+    resampled = _bootstrap_runs(len(idx))
     rows = {}
     for p, m in sub.items():
         finite = np.isfinite(m["threshold"]) & np.isfinite(m["grad_norm"])
@@ -198,9 +199,25 @@ def scenario_metrics(task: Task, logs: dict[str, dict[str, np.ndarray]],
             "vs_c1": float(np.mean(finals[p] - finals[REFERENCE])),
             "vs_c1_wins": int(np.sum(finals[p] < finals[REFERENCE])),
             "vs_best_fixed_pct": 100.0 * (mean[p] - mean[best_fixed]) / mean[best_fixed],
+            "vs_best_fixed_ci": _relative_ci(finals[p], finals[best_fixed], resampled),
             "gap_to_best_per_lr": float(np.mean(per_lr[p] - best_at_lr)),
             "clipped_pct": 100.0 * float(clipped.mean()),
             "skipped_pct": 100.0 * float(skipped.mean()),
             "loss_spikes": float(np.mean(loss_spikes(m, task.warmup))),
         }
     return {"lrs": lrs, "best_fixed": best_fixed, "rows": rows}
+
+
+BOOTSTRAP_SAMPLES = 2000
+
+
+def _bootstrap_runs(n: int) -> np.ndarray:
+    """Resampled run indices (samples, n), the same for every policy, so the runs stay paired."""
+    return np.random.default_rng(0).integers(0, n, (BOOTSTRAP_SAMPLES, n))
+
+
+def _relative_ci(finals: np.ndarray, reference: np.ndarray,
+                 resampled: np.ndarray) -> list[float]:
+    """95% paired-bootstrap interval of mean(finals) / mean(reference) - 1, in percent."""
+    rel = 100.0 * (finals[resampled].mean(axis=1) / reference[resampled].mean(axis=1) - 1.0)
+    return [float(np.percentile(rel, 2.5)), float(np.percentile(rel, 97.5))]
