@@ -262,7 +262,7 @@ def rnn(*, quick: bool) -> Task:
     warmup = 100 if not quick else 30
     sgd_lrs = (0.1, 0.2) if quick else (0.05, 0.1, 0.2, 0.3)
     mom_lrs = (0.01, 0.02) if quick else (0.005, 0.01, 0.02, 0.03)
-    seeds = (0, 1) if quick else tuple(range(12))
+    seeds = (0, 1) if quick else tuple(range(24))
     val_batch = rnn_example.sample_batch(jax.random.key(12345), dataclasses.replace(
         cfg, batch=512))
 
