@@ -18,7 +18,7 @@ from gradclip_jax import _core
 from gradclip_jax._apply import Rescale
 from gradclip_jax._core import ScalarOrSchedule
 from gradclip_jax._fixed import at_step
-from gradclip_jax._sketch import sketch_quantile
+from gradclip_jax._sketch import sketch_quantile, sketch_quantiles
 from gradclip_jax._validation import (
     check_axis_name,
     check_int,
@@ -69,8 +69,7 @@ class PercentileRule(_core.ThresholdRule):
             upper, median = sketch_quantile(hist, jnp.stack([q, jnp.float32(0.5)]))
             multiple = MEDIAN_MULTIPLE
         else:
-            upper = sketch_quantile(state.recent, q)
-            median = sketch_quantile(hist, jnp.float32(0.5))
+            upper, median = sketch_quantiles((state.recent, hist), (q, 0.5))
             multiple = WINDOW_MEDIAN_MULTIPLE
         adaptive = jnp.minimum(upper, multiple * median)
         ready = hist.recorded >= jnp.maximum(self.warmup_steps, 1)

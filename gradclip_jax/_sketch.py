@@ -16,6 +16,7 @@ Halving keeps the ratios between counts, and so the quantiles, up to rounding.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -77,20 +78,32 @@ _BLOCK = 64
 
 
 def _cumsum(counts: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Inclusive prefix sums of the 1-d ``counts`` and their total, as two triangular matmuls.
+    """Inclusive prefix sums of ``counts`` (..., n) along its last axis, and their totals.
 
-    ``jnp.cumsum`` lowers to a cascade of reduce-windows, about ten kernels for two thousand
-    buckets; on a small model, where each kernel's launch costs more than its work, that was
-    a fifth of the step. Sums of counts are exact in float32 up to 2**24 either way.
+    Two triangular matmuls: ``jnp.cumsum`` lowers to a cascade of reduce-windows, about ten
+    kernels for two thousand buckets; on a small model, where each kernel's launch costs more
+    than its work, that was a fifth of the step. Leading axes (several sketches) share the
+    same two matmuls. Sums of counts are exact in float32 up to 2**24 either way.
     """
-    n = counts.shape[0]
+    *lead, n = counts.shape
     rows = -(-n // _BLOCK)  # ceil
-    blocks = jnp.pad(counts, (0, rows * _BLOCK - n)).reshape(rows, _BLOCK)
+    pad = [(0, 0)] * len(lead) + [(0, rows * _BLOCK - n)]
+    blocks = jnp.pad(counts, pad).reshape(*lead, rows, _BLOCK)
     tri = jnp.triu(jnp.ones((_BLOCK, _BLOCK), counts.dtype))
-    within = jnp.dot(blocks, tri, precision=jax.lax.Precision.HIGHEST)
+    within = jnp.matmul(blocks, tri, precision=jax.lax.Precision.HIGHEST)
     strict = jnp.triu(jnp.ones((rows, rows), counts.dtype), k=1)
-    offsets = jnp.dot(within[:, -1], strict, precision=jax.lax.Precision.HIGHEST)
-    return (within + offsets[:, None]).reshape(-1)[:n], offsets[-1] + within[-1, -1]
+    offsets = jnp.matmul(within[..., -1], strict, precision=jax.lax.Precision.HIGHEST)
+    cumulative = (within + offsets[..., None]).reshape(*lead, rows * _BLOCK)[..., :n]
+    return cumulative, offsets[..., -1] + within[..., -1, -1]
+
+
+def _quantile_from(counts: jax.Array, q: jax.Array, mapping: LogMapping) -> jax.Array:
+    """Quantiles ``q`` (..., m) of the histograms ``counts`` (..., n): (..., m) values."""
+    cumulative, total = _cumsum(counts)
+    rank = q * jnp.maximum(total - 1.0, 0.0)[..., None]
+    below = jnp.sum(cumulative[..., None, :] <= rank[..., None], axis=-1)
+    value = mapping.value(jnp.minimum(below, counts.shape[-1] - 1))
+    return jnp.where(total[..., None] > 0, value, jnp.nan)
 
 
 def sketch_quantile(sketch: NormSketch, q: jax.Array | float) -> jax.Array:
@@ -101,10 +114,16 @@ def sketch_quantile(sketch: NormSketch, q: jax.Array | float) -> jax.Array:
     relative accuracy of it for values inside the mapped range. ``q`` may be an array of
     quantiles: they share one pass over the buckets.
     """
-    counts = sketch.counts.astype(jnp.float32)
-    cumulative, total = _cumsum(counts)
-    rank = jnp.asarray(q, jnp.float32) * jnp.maximum(total - 1.0, 0.0)
-    below = jnp.sum(cumulative <= rank[..., None], axis=-1)
-    index = jnp.minimum(below, counts.shape[0] - 1)
-    value = sketch.mapping.value(index)
-    return jnp.where(total > 0, value, jnp.nan)
+    q = jnp.asarray(q, jnp.float32)
+    out = _quantile_from(sketch.counts.astype(jnp.float32), q.reshape(-1), sketch.mapping)
+    return out.reshape(q.shape)
+
+
+def sketch_quantiles(sketches: tuple[NormSketch, ...], qs: tuple[Any, ...]) -> jax.Array:
+    """One quantile of each sketch (all of one accuracy), from one pass over their buckets."""
+    mappings = {s.relative_accuracy for s in sketches}
+    if len(mappings) != 1:
+        raise ValueError(f"sketches of one relative accuracy needed, got {sorted(mappings)}")
+    counts = jnp.stack([s.counts.astype(jnp.float32) for s in sketches])
+    q = jnp.stack([jnp.asarray(x, jnp.float32) for x in qs])[:, None]
+    return _quantile_from(counts, q, sketches[0].mapping)[:, 0]
