@@ -68,7 +68,11 @@ def sketch_add(
     # most twice the period (it halves from at most 2p to p, and p more values are added).
     due = valid & ((sketch.recorded + 1) % _HALVE_EVERY[counts.dtype] == 0)
     counts = jnp.where(due, halved, counts)
-    counts = counts.at[sketch.mapping.index(value)].add(valid.astype(counts.dtype))
+    # A one-hot add, not a scatter: it fuses with the halving (and decay) into one pass over
+    # the buckets, where a scatter is a kernel of its own, and on a small model's step each
+    # kernel launch costs more than the two thousand additions.
+    hit = jnp.arange(counts.shape[0], dtype=jnp.int32) == sketch.mapping.index(value)
+    counts = counts + (hit & valid).astype(counts.dtype)
     return dataclasses.replace(
         sketch, counts=counts, recorded=sketch.recorded + valid.astype(jnp.int32)
     )
