@@ -394,8 +394,9 @@ def _diagnose_one(name: str, found: _Found) -> list[Finding]:
             say(
                 "info",
                 f"clipped on {recent:.0%} of recent steps (threshold {current}), by design: "
-                "the windowed percentile clip caps every update at a low percentile of the "
-                "recent norms. The usual heuristic would call this a learning-rate cap; on "
+                "the windowed percentile clip caps every update at a percentile of the "
+                "recent norms (by default their median). The usual heuristic would call this a "
+                "learning-rate cap; on "
                 "training runs (gradclip-jax outcomes) it ended with a lower validation loss "
                 "than rare clipping. Judge it by your validation loss.",
             )
@@ -455,7 +456,7 @@ def diagnose(opt_state: Any) -> list[Finding]:
       threshold acts as a learning-rate cap by the usual heuristic, with the 90th-percentile
       norm as a suggestion, and what the training-outcomes benchmark measured (frequent
       clipping can still give the lowest validation loss); for the windowed percentile clip,
-      which clips most steps by design, an info saying so;
+      which clips about half the steps or more by design, an info saying so;
       or, when the long-run rate (~500 steps) was low, a warning that the run was stable and
       something changed (learning rate, data), which clipping may be masking; within the
       first 100 steps, an info that early training often clips;

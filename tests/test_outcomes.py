@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from gradclip_jax._cli import main
-from gradclip_jax._cli.outcomes import baselines, harness, tasks
+from gradclip_jax._cli.outcomes import baselines, harness, report, tasks
 
 
 def _norms_through(tx, norms):
@@ -109,6 +109,9 @@ def test_scenario_metrics_pair_by_run_and_pick_the_best_fixed_c_in_hindsight():
     lo, hi = row["vs_best_fixed_ci"]
     assert 0.0 <= lo <= row["vs_best_fixed_pct"] <= hi <= 15.0
     assert m["rows"]["c=0.3"]["vs_best_fixed_ci"] == [0.0, 0.0]
+    # Against c=1 every run of the default is 0.2 to 0.5 lower.
+    lo, hi = row["vs_c1_ci"]
+    assert -0.5 <= lo <= row["vs_c1"] <= hi <= -0.2
     # gap per lr: at 0.1 the best is 2.0 (default and c=0.3 tie), at 1.0 the best is c=0.3's 2.0
     assert row["gap_to_best_per_lr"] == pytest.approx(np.mean([0.0, 0.2]))
     assert m["rows"]["no clip"]["lost"] == 1
@@ -166,3 +169,20 @@ def test_the_guarded_policy_skips_the_injected_spikes_past_its_warmup():
     assert harness.GUARDED not in harness.run_task(
         tasks.Task(**{**tasks.rnn(quick=True).__dict__, "steps": 10, "eval_every": 5,
                       "arms": tasks.rnn(quick=True).arms[:1]}), guarded)
+
+
+def test_verdict_says_when_a_failed_line_is_within_its_interval():
+    def row(vs_c1, c1_ci, pct, pct_ci):
+        return {"lost": 0, "vs_c1": vs_c1, "vs_c1_ci": c1_ci, "vs_best_fixed_pct": pct,
+                "vs_best_fixed_ci": pct_ci}
+
+    results = {"scenarios": [
+        {"key": "a", "rows": {harness.DEFAULT: row(0.002, [-0.008, 0.012], 0.1, [-0.5, 0.6])}},
+        {"key": "b", "rows": {harness.DEFAULT: row(0.05, [0.01, 0.09], 5.0, [3.0, 7.0])}},
+        {"key": "a_x100", "rows": {harness.DEFAULT: row(0.05, [0.01, 0.09], 16.0, [-7.0, 70.0])}},
+    ]}
+    lines = report.verdict(results).splitlines()
+    assert "(FAIL: > 0, but its 95% interval [-0.0080, +0.0120] holds 0)" in lines[1]
+    assert "vs best fixed c," in lines[1]  # +0.10% passes the 2% line
+    assert lines[2].endswith("+5.00% vs best fixed c (FAIL: > 2%), +0.0500 vs c=1 (FAIL: > 0)")
+    assert "reaches 2%" in lines[3] and "vs c=1" not in lines[3]  # x100 is not natural scale

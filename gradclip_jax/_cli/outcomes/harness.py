@@ -198,6 +198,7 @@ def scenario_metrics(task: Task, logs: dict[str, dict[str, np.ndarray]],
             "final_val_mean": mean[p],
             "vs_c1": float(np.mean(finals[p] - finals[REFERENCE])),
             "vs_c1_wins": int(np.sum(finals[p] < finals[REFERENCE])),
+            "vs_c1_ci": _difference_ci(finals[p], finals[REFERENCE], resampled),
             "vs_best_fixed_pct": 100.0 * (mean[p] - mean[best_fixed]) / mean[best_fixed],
             "vs_best_fixed_ci": _relative_ci(finals[p], finals[best_fixed], resampled),
             "gap_to_best_per_lr": float(np.mean(per_lr[p] - best_at_lr)),
@@ -214,6 +215,13 @@ BOOTSTRAP_SAMPLES = 2000
 def _bootstrap_runs(n: int) -> np.ndarray:
     """Resampled run indices (samples, n), the same for every policy, so the runs stay paired."""
     return np.random.default_rng(0).integers(0, n, (BOOTSTRAP_SAMPLES, n))
+
+
+def _difference_ci(finals: np.ndarray, reference: np.ndarray,
+                   resampled: np.ndarray) -> list[float]:
+    """95% paired-bootstrap interval of mean(finals - reference)."""
+    diff = (finals - reference)[resampled].mean(axis=1)
+    return [float(np.percentile(diff, 2.5)), float(np.percentile(diff, 97.5))]
 
 
 def _relative_ci(finals: np.ndarray, reference: np.ndarray,

@@ -93,7 +93,15 @@ def verdict(results: dict[str, Any]) -> str:
         marks = [f"lost {r['lost']}" + ("" if ok_lost else " (FAIL)"),
                  f"{r['vs_best_fixed_pct']:+.2f}% vs best fixed c" + best_note]
         if natural:
-            marks.append(f"{r['vs_c1']:+.4f} vs c=1" + ("" if ok_c1 else " (FAIL: > 0)"))
+            c1_ci = r.get("vs_c1_ci")
+            if ok_c1:
+                c1_note = ""
+            elif c1_ci is not None and c1_ci[0] <= 0.0:
+                c1_note = (f" (FAIL: > 0, but its 95% interval [{c1_ci[0]:+.4f}, "
+                           f"{c1_ci[1]:+.4f}] holds 0)")
+            else:
+                c1_note = " (FAIL: > 0)"
+            marks.append(f"{r['vs_c1']:+.4f} vs c=1" + c1_note)
         out.append(f"- {sc['key']}: " + ", ".join(marks))
     out.append(f"- lower than c=1 in {below_c1} natural-scale scenarios (the bar is 2)")
     return "\n".join(out)
