@@ -126,3 +126,21 @@ def test_the_library_does_not_import_the_command_line():
             "('matplotlib', 'tqdm', 'flax', 'orbax') or m.startswith('gradclip_jax._cli')]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_interleaved_timing_runs_at_least_the_repeats_and_fills_the_budget():
+    from gradclip_jax._cli.bench import interleaved_min_times
+
+    calls = {"a": 0, "b": 0}
+
+    def fn(name):
+        def run():
+            calls[name] += 1
+        return run
+
+    times = interleaved_min_times({"a": fn("a"), "b": fn("b")}, repeats=3)
+    assert calls == {"a": 4, "b": 4}  # one warm-up, then 3 interleaved rounds
+    assert all(0.0 <= t < 1.0 for t in times.values())
+    calls.update(a=0, b=0)
+    interleaved_min_times({"a": fn("a"), "b": fn("b")}, repeats=3, budget_s=0.05)
+    assert calls["a"] == calls["b"] > 100  # rounds continue until the budget is spent

@@ -47,16 +47,25 @@ def _block(x: Any) -> None:
     jax.block_until_ready(x)
 
 
-def interleaved_min_times(fns: dict[str, Any], repeats: int) -> dict[str, float]:
-    """Fastest of ``repeats`` runs of each zero-argument function, runs interleaved."""
+def interleaved_min_times(fns: dict[str, Any], repeats: int,
+                          budget_s: float = 0.0) -> dict[str, float]:
+    """Fastest of at least ``repeats`` runs of each zero-argument function, runs interleaved.
+
+    Rounds continue past ``repeats`` until ``budget_s`` seconds have passed, so that steps of
+    a tenth of a millisecond (where one interruption of the machine moves the ratio by 20%) are
+    timed thousands of times, while long steps are not timed longer.
+    """
     for fn in fns.values():
         _block(fn())  # compile and warm up
     best = {name: math.inf for name in fns}
-    for _ in range(repeats):
+    start_all = time.perf_counter()
+    rounds = 0
+    while rounds < repeats or time.perf_counter() - start_all < budget_s:
         for name, fn in fns.items():
             start = time.perf_counter()
             _block(fn())
             best[name] = min(best[name], time.perf_counter() - start)
+        rounds += 1
     return best
 
 
@@ -67,13 +76,14 @@ def _step_runner(tx: optax.GradientTransformation, params: Any):
     return lambda: step(grads, state, params)
 
 
-def bench_tree(name: str, params: Any, repeats: int, *, passes: bool = True) -> dict[str, Any]:
+def bench_tree(name: str, params: Any, repeats: int, *, passes: bool = True,
+               budget_s: float = 0.0) -> dict[str, Any]:
     """Step times of every transform chained with adam on ``params``, and their traffic."""
     adam = optax.adam(1e-3)
     txs = transforms()
     runners = {"adam": _step_runner(adam, params)}
     runners.update({t: _step_runner(optax.chain(tx, adam), params) for t, tx in txs.items()})
-    times = interleaved_min_times(runners, repeats)
+    times = interleaved_min_times(runners, repeats, budget_s=budget_s)
     rows = []
     for t, tx in txs.items():
         rows.append({
@@ -93,6 +103,10 @@ def bench_tree(name: str, params: Any, repeats: int, *, passes: bool = True) -> 
         "adam_ms": round(times["adam"] * 1e3, 4),
         "rows": rows,
     }
+
+
+TIME_BUDGET_S = {False: 3.0, True: 0.5}
+"""Seconds of interleaved rounds per tree at least, full and quick (short steps get more)."""
 
 
 def _repeats(n_params: int, quick: bool) -> int:
@@ -135,7 +149,7 @@ def run(*, quick: bool, json_path: str | None, progress: Any = None,
             # trees and for the one with a thousand leaves (XLA compiles ~15 s per program).
             passes = n <= 40_000_000 and len(jax.tree.leaves(params)) <= 500
             results["trees"].append(bench_tree(name, params, _repeats(n, quick),
-                                               passes=passes))
+                                               passes=passes, budget_s=TIME_BUDGET_S[quick]))
             del params
             if progress is not None:
                 progress(1)
