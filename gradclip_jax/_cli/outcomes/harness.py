@@ -220,12 +220,15 @@ def _bootstrap_runs(n: int) -> np.ndarray:
 def _difference_ci(finals: np.ndarray, reference: np.ndarray,
                    resampled: np.ndarray) -> list[float]:
     """95% paired-bootstrap interval of mean(finals - reference)."""
-    diff = (finals - reference)[resampled].mean(axis=1)
-    return [float(np.percentile(diff, 2.5)), float(np.percentile(diff, 97.5))]
+    return _central_95((finals - reference)[resampled].mean(axis=1))
 
 
 def _relative_ci(finals: np.ndarray, reference: np.ndarray,
                  resampled: np.ndarray) -> list[float]:
     """95% paired-bootstrap interval of mean(finals) / mean(reference) - 1, in percent."""
-    rel = 100.0 * (finals[resampled].mean(axis=1) / reference[resampled].mean(axis=1) - 1.0)
-    return [float(np.percentile(rel, 2.5)), float(np.percentile(rel, 97.5))]
+    return _central_95(100.0 * (finals[resampled].mean(axis=1)
+                                / reference[resampled].mean(axis=1) - 1.0))
+
+
+def _central_95(samples: np.ndarray) -> list[float]:
+    return [float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))]

@@ -83,28 +83,26 @@ def verdict(results: dict[str, Any]) -> str:
         natural = "x100" not in sc["key"] and "x0.01" not in sc["key"]
         ok_c1 = (not natural) or r["vs_c1"] <= 0.0
         below_c1 += int(natural and r["vs_c1"] < 0.0)
-        ci = r.get("vs_best_fixed_ci")
-        if ok_best:
-            best_note = ""
-        elif ci is not None and ci[0] <= 2.0:
-            best_note = f" (FAIL: > 2%, but its 95% interval {_interval(r)} reaches 2%)"
-        else:
-            best_note = " (FAIL: > 2%)"
+        best_note = _fail_note(ok_best, r.get("vs_best_fixed_ci"), 2.0, "2%", "reaches", ".1f")
         marks = [f"lost {r['lost']}" + ("" if ok_lost else " (FAIL)"),
                  f"{r['vs_best_fixed_pct']:+.2f}% vs best fixed c" + best_note]
         if natural:
-            c1_ci = r.get("vs_c1_ci")
-            if ok_c1:
-                c1_note = ""
-            elif c1_ci is not None and c1_ci[0] <= 0.0:
-                c1_note = (f" (FAIL: > 0, but its 95% interval [{c1_ci[0]:+.4f}, "
-                           f"{c1_ci[1]:+.4f}] holds 0)")
-            else:
-                c1_note = " (FAIL: > 0)"
+            c1_note = _fail_note(ok_c1, r.get("vs_c1_ci"), 0.0, "0", "holds", ".4f")
             marks.append(f"{r['vs_c1']:+.4f} vs c=1" + c1_note)
         out.append(f"- {sc['key']}: " + ", ".join(marks))
     out.append(f"- lower than c=1 in {below_c1} natural-scale scenarios (the bar is 2)")
     return "\n".join(out)
+
+
+def _fail_note(ok: bool, ci: list[float] | None, bar: float, bar_text: str, verb: str,
+               fmt: str) -> str:
+    """'' when a line is met; else says so, and whether its interval still meets the bar."""
+    if ok:
+        return ""
+    if ci is not None and ci[0] <= bar:
+        return (f" (FAIL: > {bar_text}, but its 95% interval [{ci[0]:+{fmt}}, {ci[1]:+{fmt}}] "
+                f"{verb} {bar_text})")
+    return f" (FAIL: > {bar_text})"
 
 
 def _interval(row: dict[str, Any]) -> str:
