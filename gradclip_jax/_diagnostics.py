@@ -40,7 +40,7 @@ def _leaf(x: Any) -> jax.Array:
 
 
 def _plain_sketch(sketch: NormSketch) -> NormSketch:
-    return NormSketch(counts=_leaf(sketch.counts), recorded=_leaf(sketch.recorded),
+    return NormSketch(cumulative=_leaf(sketch.cumulative), recorded=_leaf(sketch.recorded),
                       relative_accuracy=sketch.relative_accuracy)
 
 

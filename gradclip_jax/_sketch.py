@@ -1,8 +1,13 @@
 """A fixed-shape quantile sketch of gradient norms (the store and its queries).
 
-The sketch is a histogram over the buckets of a :class:`LogMapping`. Its size is fixed at
-construction (1,846 buckets, 7.2 KiB, at the default 1% accuracy) and does not grow with the
-number of steps; adding a value and reading a quantile each cost O(buckets).
+The sketch is a histogram over the buckets of a :class:`LogMapping`, stored as its running
+(cumulative) sum: entry ``i`` is the weight of the values in buckets ``0..i``. Its size is
+fixed at construction (1,846 buckets, 7.2 KiB, at the default 1% accuracy) and does not grow
+with the number of steps. Stored so, adding a value is one elementwise pass (``+1`` from its
+bucket on), and so are the forgetting and the halving below, which scale a cumulative sum as
+they scale the counts; a quantile is one comparison with the stored sums, with no prefix sum
+to compute on every step (on a small model's step that was four kernels and most of the
+rule's cost).
 
 Counts are exact int32 when nothing is forgotten. With exponential forgetting (``decay``) they
 are float32 and their total converges to ``1 / (1 - decay)``. So that counts never silently
@@ -20,6 +25,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gradclip_jax._mapping import LogMapping
 
@@ -29,15 +35,16 @@ _HALVE_EVERY = {jnp.dtype(jnp.float32): 2**22, jnp.dtype(jnp.int32): 2**29}
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class NormSketch:
-    """Histogram of recorded gradient norms.
+    """Histogram of recorded gradient norms, as its running sum over the buckets.
 
     Attributes:
-      counts: per-bucket weight, int32 (no forgetting) or float32 (with ``decay``).
+      cumulative: nondecreasing; entry ``i`` is the weight recorded in buckets ``0..i``
+        (so the last is the total), int32 (no forgetting) or float32 (with ``decay``).
       recorded: int32, how many norms were recorded (not decayed, not halved).
       relative_accuracy: static; the accuracy of the bucket mapping.
     """
 
-    counts: jax.Array
+    cumulative: jax.Array
     recorded: jax.Array
     relative_accuracy: float = dataclasses.field(metadata=dict(static=True), default=0.01)
 
@@ -45,12 +52,18 @@ class NormSketch:
     def mapping(self) -> LogMapping:
         return LogMapping(self.relative_accuracy)
 
+    @property
+    def counts(self) -> jax.Array:
+        """The weight in each bucket (the differences of ``cumulative``)."""
+        c = self.cumulative
+        return jnp.concatenate([c[..., :1], c[..., 1:] - c[..., :-1]], axis=-1)
+
 
 def sketch_init(relative_accuracy: float, *, weighted: bool) -> NormSketch:
     mapping = LogMapping(relative_accuracy)
     dtype = jnp.float32 if weighted else jnp.int32
     return NormSketch(
-        counts=jnp.zeros((mapping.num_buckets,), dtype),
+        cumulative=jnp.zeros((mapping.num_buckets,), dtype),
         recorded=jnp.zeros((), jnp.int32),
         relative_accuracy=relative_accuracy,
     )
@@ -60,53 +73,38 @@ def sketch_add(
     sketch: NormSketch, value: jax.Array, valid: jax.Array, decay: jax.Array | float | None
 ) -> NormSketch:
     """Records ``value`` if ``valid``; with ``decay``, first scales every count by it."""
-    counts = sketch.counts
+    cumulative = sketch.cumulative
     if decay is not None:
-        counts = jnp.where(valid, counts * jnp.asarray(decay, counts.dtype), counts)
-    halved = counts // 2 if counts.dtype == jnp.int32 else counts * 0.5
+        cumulative = jnp.where(valid, cumulative * jnp.asarray(decay, cumulative.dtype),
+                               cumulative)
+    halved = cumulative // 2 if cumulative.dtype == jnp.int32 else cumulative * 0.5
     # Before the recorded count reaches each multiple of the period: the total is then at
     # most twice the period (it halves from at most 2p to p, and p more values are added).
-    due = valid & ((sketch.recorded + 1) % _HALVE_EVERY[counts.dtype] == 0)
-    counts = jnp.where(due, halved, counts)
-    # A one-hot add, not a scatter: it fuses with the halving (and decay) into one pass over
-    # the buckets, where a scatter is a kernel of its own, and on a small model's step each
-    # kernel launch costs more than the two thousand additions.
-    hit = jnp.arange(counts.shape[0], dtype=jnp.int32) == sketch.mapping.index(value)
-    counts = counts + (hit & valid).astype(counts.dtype)
+    due = valid & ((sketch.recorded + 1) % _HALVE_EVERY[cumulative.dtype] == 0)
+    cumulative = jnp.where(due, halved, cumulative)
+    # +1 from the value's bucket on: an elementwise pass that fuses with the halving (and
+    # the decay), where a scatter would be a kernel of its own.
+    from_bucket = jnp.arange(cumulative.shape[0], dtype=jnp.int32) >= sketch.mapping.index(value)
+    cumulative = cumulative + (from_bucket & valid).astype(cumulative.dtype)
     return dataclasses.replace(
-        sketch, counts=counts, recorded=sketch.recorded + valid.astype(jnp.int32)
+        sketch, cumulative=cumulative, recorded=sketch.recorded + valid.astype(jnp.int32)
     )
 
 
-_BLOCK = 64
-
-
-def _cumsum(counts: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Inclusive prefix sums of ``counts`` (..., n) along its last axis, and their totals.
-
-    Two triangular matmuls: ``jnp.cumsum`` lowers to a cascade of reduce-windows, about ten
-    kernels for two thousand buckets; on a small model, where each kernel's launch costs more
-    than its work, that was a fifth of the step. Leading axes (several sketches) share the
-    same two matmuls. Sums of counts are exact in float32 up to 2**24 either way.
-    """
-    *lead, n = counts.shape
-    rows = -(-n // _BLOCK)  # ceil
-    pad = [(0, 0)] * len(lead) + [(0, rows * _BLOCK - n)]
-    blocks = jnp.pad(counts, pad).reshape(*lead, rows, _BLOCK)
-    tri = jnp.triu(jnp.ones((_BLOCK, _BLOCK), counts.dtype))
-    within = jnp.matmul(blocks, tri, precision=jax.lax.Precision.HIGHEST)
-    strict = jnp.triu(jnp.ones((rows, rows), counts.dtype), k=1)
-    offsets = jnp.matmul(within[..., -1], strict, precision=jax.lax.Precision.HIGHEST)
-    cumulative = (within + offsets[..., None]).reshape(*lead, rows * _BLOCK)[..., :n]
-    return cumulative, offsets[..., -1] + within[..., -1, -1]
-
-
-def _quantile_from(counts: jax.Array, q: jax.Array, mapping: LogMapping) -> jax.Array:
-    """Quantiles ``q`` (..., m) of the histograms ``counts`` (..., n): (..., m) values."""
-    cumulative, total = _cumsum(counts)
+def _quantile_from(cumulative: jax.Array, q: jax.Array, mapping: LogMapping) -> jax.Array:
+    """Quantiles ``q`` (..., m) of the running sums ``cumulative`` (..., n): (..., m) values."""
+    n = cumulative.shape[-1]
+    total = cumulative[..., -1]
     rank = q * jnp.maximum(total - 1.0, 0.0)[..., None]
-    below = jnp.sum(cumulative[..., None, :] <= rank[..., None], axis=-1)
-    value = mapping.value(jnp.minimum(below, counts.shape[-1] - 1))
+    # The bucket of the element of that rank is the number of buckets whose running sum is at
+    # most the rank, counted by a matmul: a sum over the buckets is a cascade of three
+    # reduce-window kernels on XLA's CPU backend, the matmul is one. Its constant has a second
+    # column (unused) so that XLA keeps it a literal instead of rewriting a vector of ones as
+    # a broadcast computed every step. Exact: at most 2**11 ones are added.
+    at_most = (cumulative[..., None, :] <= rank[..., None]).astype(jnp.float32)
+    ones = np.stack([np.ones(n, np.float32), np.arange(n, dtype=np.float32)], axis=1)
+    below = jnp.matmul(at_most, ones, precision=jax.lax.Precision.HIGHEST)[..., 0]
+    value = mapping.value(jnp.minimum(below.astype(jnp.int32), n - 1))
     return jnp.where(total[..., None] > 0, value, jnp.nan)
 
 
@@ -119,7 +117,8 @@ def sketch_quantile(sketch: NormSketch, q: jax.Array | float) -> jax.Array:
     quantiles: they share one pass over the buckets.
     """
     q = jnp.asarray(q, jnp.float32)
-    out = _quantile_from(sketch.counts.astype(jnp.float32), q.reshape(-1), sketch.mapping)
+    out = _quantile_from(sketch.cumulative.astype(jnp.float32), q.reshape(-1),
+                         sketch.mapping)
     return out.reshape(q.shape)
 
 
@@ -128,6 +127,6 @@ def sketch_quantiles(sketches: tuple[NormSketch, ...], qs: tuple[Any, ...]) -> j
     mappings = {s.relative_accuracy for s in sketches}
     if len(mappings) != 1:
         raise ValueError(f"sketches of one relative accuracy needed, got {sorted(mappings)}")
-    counts = jnp.stack([s.counts.astype(jnp.float32) for s in sketches])
+    cumulative = jnp.stack([s.cumulative.astype(jnp.float32) for s in sketches])
     q = jnp.stack([jnp.asarray(x, jnp.float32) for x in qs])[:, None]
-    return _quantile_from(counts, q, sketches[0].mapping)[:, 0]
+    return _quantile_from(cumulative, q, sketches[0].mapping)[:, 0]

@@ -67,10 +67,11 @@ def _log_median_and_sigma(sketch: NormSketch) -> tuple[jax.Array, jax.Array]:
     Buckets are evenly spaced in log value, so both come from bucket indices: the median
     bucket, and the weighted median of every bucket's distance from it (the MAD), O(buckets).
     """
+    cumulative = sketch.cumulative.astype(jnp.float32)
     counts = sketch.counts.astype(jnp.float32)
     n = counts.shape[0]
-    half = 0.5 * jnp.sum(counts)
-    median = jnp.minimum(jnp.sum(jnp.cumsum(counts) < half), n - 1)
+    half = 0.5 * cumulative[-1]
+    median = jnp.minimum(jnp.sum(cumulative < half), n - 1)
     distance = jnp.abs(jnp.arange(n) - median)
     folded = jax.ops.segment_sum(counts, distance, num_segments=n)
     mad = jnp.sum(jnp.cumsum(folded) < half).astype(jnp.float32)
@@ -87,7 +88,7 @@ def _is_spike(sketch: NormSketch, value: jax.Array, k: Any, min_ratio: Any,
 
 
 def _restart(sketch: NormSketch) -> NormSketch:
-    return dataclasses.replace(sketch, counts=jnp.zeros_like(sketch.counts),
+    return dataclasses.replace(sketch, cumulative=jnp.zeros_like(sketch.cumulative),
                                recorded=jnp.zeros_like(sketch.recorded))
 
 

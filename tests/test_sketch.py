@@ -72,10 +72,10 @@ def test_state_size_is_fixed_and_small():
     assert nbytes <= 64 * 1024
     # Shapes are fixed by construction: a state as ten million steps leave it (counts forced to
     # such a run's totals) is the same size, and one more update keeps it so.
-    counts = jnp.zeros_like(state.histogram.counts).at[900:960].set(10**7 // 60)
+    counts = jnp.zeros_like(state.histogram.cumulative).at[900:960].set(10**7 // 60)
     late = state._replace(
         count=jnp.asarray(10**7, jnp.int32),
-        histogram=dataclasses.replace(state.histogram, counts=counts,
+        histogram=dataclasses.replace(state.histogram, cumulative=jnp.cumsum(counts),
                                       recorded=jnp.asarray(10**7, jnp.int32)),
     )
     _, after = jax.jit(tx.update)({"w": jnp.ones(3)}, late)
@@ -92,7 +92,7 @@ def test_counts_keep_increasing_in_long_runs(weighted, decay):
     period = 2**29 if not weighted else 2**22
     limit = 2 * period
     counts = sketch.counts.at[big_bucket].set(limit - 4).at[small_bucket].set(limit // 4)
-    sketch = dataclasses.replace(sketch, counts=counts, recorded=jnp.asarray(
+    sketch = dataclasses.replace(sketch, cumulative=jnp.cumsum(counts), recorded=jnp.asarray(
         3 * period - 4, jnp.int32))
     value = sketch.mapping.value(small_bucket)
     before = float(sketch_quantile(sketch, 0.9))
@@ -115,6 +115,18 @@ def test_decay_forgets_old_values():
     forgot = add_all(sketch_init(0.01, weighted=True), np.concatenate([old, new]), decay=0.99)
     assert float(sketch_quantile(kept, 0.5)) == pytest.approx(1.0, rel=0.0101)
     assert float(sketch_quantile(forgot, 0.5)) == pytest.approx(100.0, rel=0.0101)
+
+
+@pytest.mark.parametrize("weighted,decay", [(False, None), (True, 0.9)])
+def test_running_sums_hold_the_counts_of_each_bucket(weighted, decay):
+    values = np.random.default_rng(0).lognormal(0.0, 2.0, 300).astype(np.float32)
+    sketch = add_all(sketch_init(0.01, weighted=weighted), values, decay=decay)
+    buckets = np.asarray(jax.vmap(sketch.mapping.index)(jnp.asarray(values)))
+    weights = np.ones(300) if decay is None else decay ** np.arange(299, -1, -1)
+    expected = np.bincount(buckets, weights, minlength=sketch.cumulative.shape[0])
+    assert np.all(np.diff(np.asarray(sketch.cumulative)) >= 0)
+    np.testing.assert_allclose(np.asarray(sketch.counts), expected, atol=1e-5)
+    np.testing.assert_allclose(float(sketch.cumulative[-1]), expected.sum(), rtol=1e-5)
 
 
 def test_nonfinite_values_are_not_recorded():
