@@ -12,9 +12,11 @@ reported as non-finite (detecting the case exactly would cost a second pass over
 gradient, to handle one that has already diverged).
 
 Each measure of a leaf is one single-output reduction, the form every XLA backend compiles
-best. A transform that needs two measures (the value clip: the sum of squares and the largest
-magnitude) reads the leaf once per measure on CPU; GPU backends fuse sibling reductions of the
-same operand into one read.
+best; leaves of at most ``SMALL_LEAF`` elements are first joined into one vector per dtype,
+so that a thousand biases cost one reduction, not a thousand kernel launches. A transform
+that needs two measures (the value clip: the sum of squares and the largest magnitude) reads
+the leaf once per measure on CPU; GPU backends fuse sibling reductions of the same operand
+into one read.
 
 Inside ``shard_map``, ``axis_name`` names the mesh axes over which the pytree is split. JAX
 records, in each value's type, the manual axes along which it varies; a leaf is summed across
@@ -120,6 +122,24 @@ def _reduce_leaf(x: jax.Array, kinds: Sequence[str]) -> tuple[jax.Array, ...]:
     return tuple(out)
 
 
+SMALL_LEAF = 2048
+"""Leaves of at most this many elements are joined into one vector before they are reduced.
+
+On XLA's CPU backend a kernel launch costs about as much as reading 8-16 KiB, and a leaf's
+reduction is one kernel or, split into a reduce-window cascade, three: a thousand tiny leaves
+(biases, scales) made a thousand or more kernels for the norm alone. Joined, they are one copy
+and one reduction (the copy is an extra pass over the small leaves' few bytes only)."""
+
+
+def _poolable(x: jax.Array) -> bool:
+    """A real float leaf of at most ``SMALL_LEAF`` elements, not split by explicit sharding
+    (joining would need a reshape of a sharded array)."""
+    if x.size > SMALL_LEAF or x.size == 0 or not jnp.issubdtype(x.dtype, jnp.floating):
+        return False
+    spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+    return spec is None or all(p is None for p in spec)
+
+
 def varying_axes(x: Any) -> frozenset:
     """Mesh axes along which ``x`` varies inside ``shard_map`` (empty outside it)."""
     aval = jax.typeof(x)
@@ -152,10 +172,17 @@ def reduce_tree(
         kinds = (*kinds, SUMSQ_LO)
     acc = jnp.result_type(jnp.float32, *(_accum_dtype(x.dtype) for x in leaves))
     groups: dict[tuple[str, ...], list[tuple[jax.Array, ...]]] = {}
+    small: dict[tuple[tuple[str, ...], Any], list[jax.Array]] = {}
     for leaf in leaves:
         leaf = jnp.asarray(leaf)
         axes = tuple(a for a in names if a in varying_axes(leaf))
-        groups.setdefault(axes, []).append(_reduce_leaf(leaf, kinds))
+        if _poolable(leaf):
+            small.setdefault((axes, leaf.dtype), []).append(leaf)
+        else:
+            groups.setdefault(axes, []).append(_reduce_leaf(leaf, kinds))
+    for (axes, _), pool in small.items():
+        joined = pool[0].ravel() if len(pool) == 1 else jnp.concatenate([x.ravel() for x in pool])
+        groups.setdefault(axes, []).append(_reduce_leaf(joined, kinds))
 
     totals = {k: jnp.zeros((), acc) for k in kinds}
     for axes, parts in groups.items():

@@ -203,3 +203,21 @@ def test_percentile_clip_adds_few_kernels_to_a_tiny_models_step():
     params = tiny_mlp(jnp.float32)
     norm = _kernels(gc.clip_by_global_norm(1.0), params)
     assert _kernels(gc.percentile_clip(), params) <= norm + 7
+
+
+def test_a_thousand_tiny_leaves_are_reduced_together():
+    # Each kernel launch costs more than reading a leaf of a few thousand elements, so small
+    # leaves are joined into one vector and reduced once: a handful of kernels for the norm of
+    # a thousand leaves, not one (or three, as a reduce-window cascade) per leaf.
+    from gradclip_jax._cli.shapes import tiny_leaves
+
+    params = tiny_leaves(jnp.float32)
+    text = _entry(jax.jit(gc.global_norm).lower(params).compile().as_text())
+    launched = re.compile(r"= \S+ (fusion|reduce|reduce-window|concatenate|copy)\(")
+    assert sum(bool(launched.search(line)) for line in text.splitlines()) <= 10
+    tx = gc.clip_by_value(1.0)
+    text = _entry(jax.jit(tx.update).lower(params, tx.init(params)).compile().as_text())
+    reductions = [line for line in text.splitlines()
+                  if re.search(r"= f32\[\] (fusion|reduce)\(", line)]
+    assert len(reductions) <= 10
+

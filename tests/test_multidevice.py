@@ -236,3 +236,22 @@ def test_skip_spikes_in_shard_map_model_parallel():
         assert_trees_close(out, ref)
     assert_trees_close(state, ref_state)
     assert int(state.skipped_norm_spikes) == 2
+
+
+@pytest.mark.parametrize("name", sorted(CLIPS))
+def test_explicit_sharding_mixed_small_and_large_leaves(name):
+    # Under explicit sharding a split leaf is not joined with the small replicated ones (that
+    # would need a reshape of a sharded array); the answer is the single-device one.
+    from jax.sharding import AxisType
+
+    mesh = jax.make_mesh((8,), ("d",), axis_types=(AxisType.Explicit,))
+    tree = {"split": jnp.linspace(-2.0, 3.0, 64), "bias": jnp.arange(3.0),
+            "scale": jnp.full((5,), 0.5), "wide": jnp.linspace(1.0, 2.0, 5000)}
+    tx = CLIPS[name]()
+    ref, _ = jax.jit(tx.update)(tree, tx.init(tree))
+    with jax.set_mesh(mesh):
+        sharded = dict(tree, split=jax.device_put(tree["split"], NamedSharding(mesh, P("d"))))
+        out, _ = jax.jit(tx.update)(sharded, tx.init(sharded))
+        assert out["split"].sharding.spec == P("d")
+    assert_trees_close(out, ref)
+

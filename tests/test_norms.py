@@ -141,3 +141,17 @@ def test_zero_size_leaves_count_as_nothing(dtype, ord):
         out, state = jax.jit(tx.update)(tree, tx.init(tree))
         assert out["empty"].shape == (0,) and out["empty2d"].shape == (3, 0)
         assert float(state.grad_norm) == pytest.approx(5.0, rel=1e-2)
+
+
+@pytest.mark.parametrize("ord", ORDS)
+def test_small_leaves_of_mixed_dtypes_pooled_with_large_ones(ord):
+    # Small leaves are joined per dtype before they are reduced (one kernel, not one each);
+    # large ones, complex ones and float64 ones mixed in still give the float64 reference.
+    rng = np.random.default_rng(0)
+    dtypes = [np.float32, jnp.bfloat16, np.float16, np.float64]
+    leaves = [rng.normal(size=size).astype(dtypes[i % 4])
+              for i, size in enumerate([1, 3, 4096, 4097, 7, 50_000, 2, 33])]
+    leaves.append((rng.normal(size=5) + 1j * rng.normal(size=5)).astype(np.complex64))
+    got = float(jax.jit(lambda t: gc.global_norm(t, ord=ord))([jnp.asarray(x) for x in leaves]))
+    want = reference_norm([np.abs(np.asarray(x, np.complex128)) for x in leaves], ord)
+    assert got == pytest.approx(want, rel=1e-5)
