@@ -93,9 +93,14 @@ def test_bench_tree_reports_every_transform():
                "bandwidth": bench.bench_bandwidth(20_000, 1)}
     results["slowest"] = bench.slowest(results)
     assert results["slowest"]["transform"] != bench.REFERENCE
+    # The noise control (optax's clip timed a second time) is reported, not ranked.
+    assert result["control_vs_optax_clip"] > 0
+    results["noisiest"] = bench.noisiest(results)
+    assert results["noisiest"]["spread"] >= 1.0 and results["noisiest"]["tree"] == "odd"
     table = bench.format_table(results)
     assert "gradclip_jax.percentile_clip" in table and "| odd |" in table
     assert "slowest ratio to optax's clip" in table
+    assert "(noise control)" in table and "the same step timed twice" in table
 
 
 @pytest.mark.parametrize("quick", [True, False])

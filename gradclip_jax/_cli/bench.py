@@ -32,6 +32,7 @@ from gradclip_jax._cli.cost import extra_gradient_passes, gradient_bytes, model_
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 REFERENCE = "optax.clip_by_global_norm"
+CONTROL = "optax.clip_by_global_norm, timed again"
 
 
 def transforms() -> dict[str, optax.GradientTransformation]:
@@ -83,6 +84,9 @@ def bench_tree(name: str, params: Any, repeats: int, *, passes: bool = True,
     txs = transforms()
     runners = {"adam": _step_runner(adam, params)}
     runners.update({t: _step_runner(optax.chain(tx, adam), params) for t, tx in txs.items()})
+    # The noise control: optax's clip compiled and timed a second time, side by side. Its
+    # ratio to the first is what this machine's timing alone makes of identical steps.
+    runners[CONTROL] = _step_runner(optax.chain(txs[REFERENCE], adam), params)
     times = interleaved_min_times(runners, repeats, budget_s=budget_s)
     rows = []
     for t, tx in txs.items():
@@ -102,6 +106,7 @@ def bench_tree(name: str, params: Any, repeats: int, *, passes: bool = True,
         "leaves": len(leaves),
         "adam_ms": round(times["adam"] * 1e3, 4),
         "rows": rows,
+        "control_vs_optax_clip": round(times[CONTROL] / times[REFERENCE], 3),
     }
 
 
@@ -154,6 +159,7 @@ def run(*, quick: bool, json_path: str | None, progress: Any = None,
             if progress is not None:
                 progress(1)
     results["slowest"] = slowest(results)
+    results["noisiest"] = noisiest(results)
     results["bandwidth"] = bench_bandwidth(8_000_000 if quick else 32_000_000, 5 if quick else 15)
     if progress is not None:
         progress(1)
@@ -170,6 +176,19 @@ def slowest(results: dict[str, Any]) -> dict[str, Any]:
             if row["transform"] != REFERENCE and row["vs_optax_clip"] > worst["vs_optax_clip"]:
                 worst = {"tree": tree["tree"], "dtype": tree["dtype"], **row}
     return worst
+
+
+def noisiest(results: dict[str, Any]) -> dict[str, Any]:
+    """The tree whose noise control (the same step timed twice) is furthest from 1."""
+    def spread(tree: dict[str, Any]) -> float:
+        r = tree.get("control_vs_optax_clip", 1.0)
+        return max(r, 1.0 / r)
+
+    trees = [t for t in results["trees"] if "control_vs_optax_clip" in t]
+    if not trees:
+        return {}
+    worst = max(trees, key=spread)
+    return {"tree": worst["tree"], "dtype": worst["dtype"], "spread": round(spread(worst), 3)}
 
 
 def steps_per_run(quick: bool) -> int:
@@ -204,11 +223,21 @@ def format_table(results: dict[str, Any]) -> str:
                 f"({tree['leaves']}) | {tree['adam_ms']:.3f} | `{row['transform']}` | "
                 f"{'-' if passes is None else f'{passes:.3f}'} | {row['vs_adam']:.3f} | "
                 f"{row['vs_optax_clip']:.3f} |")
+        if "control_vs_optax_clip" in tree:
+            lines.append(
+                f"| {tree['tree']} | {tree['dtype']} | {_count(tree['params'])} "
+                f"({tree['leaves']}) | {tree['adam_ms']:.3f} | `{CONTROL}` (noise control) | "
+                f"- | - | {tree['control_vs_optax_clip']:.3f} |")
     worst = results.get("slowest")
     if worst:
         lines.append("")
         lines.append(f"slowest ratio to optax's clip: {worst['vs_optax_clip']:.3f} "
                      f"(`{worst['transform']}` on {worst['tree']}, {worst['dtype']})")
+    noise = results.get("noisiest")
+    if noise:
+        lines.append(f"noise: the same step timed twice differed by up to {noise['spread']:.3f}x "
+                     f"({noise['tree']}, {noise['dtype']}); ratios that close to 1 are not "
+                     f"measured differences")
     bw = results["bandwidth"]
     lines.append(f"global_norm over {bw['bytes'] / 1e6:.0f} MB: {bw['global_norm_GBps']} GB/s; "
                  f"device copy: {bw['copy_GBps']} GB/s ({bw['fraction_of_copy']:.0%} of copy)")
