@@ -96,9 +96,12 @@ def test_scenario_metrics_pair_by_run_and_pick_the_best_fixed_c_in_hindsight():
                             tasks.Arm(1.0, 1)), scenarios=())
     finals = {"c=0.1": [3.0, 3.0, 4.0, 4.0], "c=0.3": [2.0, 2.0, 2.0, 2.0],
               "c=1": [2.5, 2.5, 2.5, 2.5], "c=3": [3, 3, 3, 3], "c=10": [4, 4, 4, 4],
-              "no clip": [4, 4, np.nan, 4], harness.DEFAULT: [2.0, 2.0, 2.1, 2.3]}
+              "no clip": [4, 4, np.nan, 4], harness.DEFAULT: [2.0, 2.0, 2.1, 2.3],
+              harness.CONTROL: [2.4, 2.6, 2.5, 1.0]}
     logs = {p: _logs([5.0] * 4, v) for p, v in finals.items()}
     m = harness.scenario_metrics(task, logs, lambda a: True)
+    # The noise control: its distance from c=1; it is no one's best, at any lr.
+    assert m["noise_vs_c1"] == pytest.approx(abs(np.mean([-0.1, 0.1, 0.0, -1.5])))
     assert m["best_fixed"] == "c=0.3" and m["lrs"] == [0.1, 1.0]
     row = m["rows"][harness.DEFAULT]
     assert row["vs_c1"] == pytest.approx(np.mean([-0.5, -0.5, -0.4, -0.2]))
@@ -186,3 +189,11 @@ def test_verdict_says_when_a_failed_line_is_within_its_interval():
     assert "vs best fixed c," in lines[1]  # +0.10% passes the 2% line
     assert lines[2].endswith("+5.00% vs best fixed c (FAIL: > 2%), +0.0500 vs c=1 (FAIL: > 0)")
     assert "reaches 2%" in lines[3] and "vs c=1" not in lines[3]  # x100 is not natural scale
+    # With a noise control that moved further from c=1 than the failed difference, it says so.
+    results["scenarios"][0]["noise_vs_c1"] = 0.0052
+    results["scenarios"][1]["noise_vs_c1"] = 0.001
+    lines = report.verdict(results).splitlines()
+    assert lines[1].endswith("holds 0; the noise control differs from c=1 by 0.0052, more than "
+                             "this)")
+    assert lines[2].endswith("+0.0500 vs c=1 (FAIL: > 0)")
+    assert lines[-1].endswith("its distance from c=1: a 0.0052, b 0.0010")

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from gradclip_jax._cli.outcomes.harness import DEFAULT, REFERENCE
+from gradclip_jax._cli.outcomes.harness import CONTROL, DEFAULT, REFERENCE
 
 COLUMNS = ("lost", "final val loss", "vs c=1 (wins)", "vs best fixed c", "gap to best per lr",
            "steps clipped", "loss spikes")
@@ -88,9 +88,18 @@ def verdict(results: dict[str, Any]) -> str:
                  f"{r['vs_best_fixed_pct']:+.2f}% vs best fixed c" + best_note]
         if natural:
             c1_note = _fail_note(ok_c1, r.get("vs_c1_ci"), 0.0, "0", "holds", ".4f")
+            noise = sc.get("noise_vs_c1")
+            if not ok_c1 and noise is not None and abs(r["vs_c1"]) <= noise:
+                c1_note = c1_note[:-1] + (f"; the noise control differs from c=1 by "
+                                          f"{noise:.4f}, more than this)")
             marks.append(f"{r['vs_c1']:+.4f} vs c=1" + c1_note)
         out.append(f"- {sc['key']}: " + ", ".join(marks))
     out.append(f"- lower than c=1 in {below_c1} natural-scale scenarios (the bar is 2)")
+    noises = [f"{sc['key']} {sc['noise_vs_c1']:.4f}" for sc in results["scenarios"]
+              if "noise_vs_c1" in sc]
+    if noises:
+        out.append(f"- noise control (`{CONTROL}`: c = 1 + 2^-20 in a program of its own), "
+                   "its distance from c=1: " + ", ".join(noises))
     return "\n".join(out)
 
 
@@ -123,7 +132,7 @@ def plots(results: dict[str, Any], logs: dict[str, dict[str, dict[str, np.ndarra
         task_logs = logs[sc["task"]]
         idx = np.asarray(sc["arm_index"])
         lrs = np.asarray(sc["arm_lr"])
-        policies = list(task_logs)
+        policies = [p for p in task_logs if p != CONTROL]
         fig, axes = plt.subplots(2, len(policies), figsize=(2.6 * len(policies), 5.6),
                                  sharex=True, squeeze=False, layout="constrained")
         # One learning rate for the norm panels: the highest at which c=1 lost no run.
