@@ -102,6 +102,7 @@ def test_scenario_metrics_pair_by_run_and_pick_the_best_fixed_c_in_hindsight():
     m = harness.scenario_metrics(task, logs, lambda a: True)
     # The noise control: its distance from c=1; it is no one's best, at any lr.
     assert m["noise_vs_c1"] == pytest.approx(abs(np.mean([-0.1, 0.1, 0.0, -1.5])))
+    assert m["noise_vs_best_pct"] == pytest.approx(100 * m["noise_vs_c1"] / 2.0)
     assert m["best_fixed"] == "c=0.3" and m["lrs"] == [0.1, 1.0]
     row = m["rows"][harness.DEFAULT]
     assert row["vs_c1"] == pytest.approx(np.mean([-0.5, -0.5, -0.4, -0.2]))
@@ -192,8 +193,12 @@ def test_verdict_says_when_a_failed_line_is_within_its_interval():
     # With a noise control that moved further from c=1 than the failed difference, it says so.
     results["scenarios"][0]["noise_vs_c1"] = 0.0052
     results["scenarios"][1]["noise_vs_c1"] = 0.001
+    results["scenarios"][2].update(noise_vs_c1=0.01, noise_vs_best_pct=15.0)
     lines = report.verdict(results).splitlines()
     assert lines[1].endswith("holds 0; the noise control differs from c=1 by 0.0052, more than "
                              "this)")
     assert lines[2].endswith("+0.0500 vs c=1 (FAIL: > 0)")
-    assert lines[-1].endswith("its distance from c=1: a 0.0052, b 0.0010")
+    # 16% is 14 points over the 2% line, less than the control's 15%.
+    assert lines[3].endswith("reaches 2%; the noise control moved 15.0% from c=1, more than the "
+                             "excess)")
+    assert lines[-1].endswith("a 0.0052, b 0.0010, a_x100 0.0100 (15.0%)")

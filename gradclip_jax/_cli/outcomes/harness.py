@@ -217,8 +217,15 @@ def scenario_metrics(task: Task, logs: dict[str, dict[str, np.ndarray]],
         }
     out: dict[str, Any] = {"lrs": lrs, "best_fixed": best_fixed, "rows": rows}
     if CONTROL in rows:
-        out["noise_vs_c1"] = abs(rows[CONTROL]["vs_c1"])
+        out.update(noise_from_rows(rows, best_fixed))
     return out
+
+
+def noise_from_rows(rows: dict[str, Any], best_fixed: str) -> dict[str, float]:
+    """The noise control's distance from c = 1: in loss, and in % of the best fixed c's loss."""
+    gap = abs(rows[CONTROL]["final_val_mean"] - rows[REFERENCE]["final_val_mean"])
+    return {"noise_vs_c1": gap,
+            "noise_vs_best_pct": 100.0 * gap / rows[best_fixed]["final_val_mean"]}
 
 
 BOOTSTRAP_SAMPLES = 2000

@@ -84,6 +84,10 @@ def verdict(results: dict[str, Any]) -> str:
         ok_c1 = (not natural) or r["vs_c1"] <= 0.0
         below_c1 += int(natural and r["vs_c1"] < 0.0)
         best_note = _fail_note(ok_best, r.get("vs_best_fixed_ci"), 2.0, "2%", "reaches", ".1f")
+        noise_pct = sc.get("noise_vs_best_pct")
+        if not ok_best and noise_pct is not None and r["vs_best_fixed_pct"] - 2.0 <= noise_pct:
+            best_note = best_note[:-1] + (f"; the noise control moved {noise_pct:.1f}% from "
+                                          f"c=1, more than the excess)")
         marks = [f"lost {r['lost']}" + ("" if ok_lost else " (FAIL)"),
                  f"{r['vs_best_fixed_pct']:+.2f}% vs best fixed c" + best_note]
         if natural:
@@ -95,11 +99,13 @@ def verdict(results: dict[str, Any]) -> str:
             marks.append(f"{r['vs_c1']:+.4f} vs c=1" + c1_note)
         out.append(f"- {sc['key']}: " + ", ".join(marks))
     out.append(f"- lower than c=1 in {below_c1} natural-scale scenarios (the bar is 2)")
-    noises = [f"{sc['key']} {sc['noise_vs_c1']:.4f}" for sc in results["scenarios"]
-              if "noise_vs_c1" in sc]
+    noises = [f"{sc['key']} {sc['noise_vs_c1']:.4f}"
+              + (f" ({sc['noise_vs_best_pct']:.1f}%)" if "noise_vs_best_pct" in sc else "")
+              for sc in results["scenarios"] if "noise_vs_c1" in sc]
     if noises:
         out.append(f"- noise control (`{CONTROL}`: c = 1 + 2^-20 in a program of its own), "
-                   "its distance from c=1: " + ", ".join(noises))
+                   "its distance from c=1 (in % of the best fixed c's loss): "
+                   + ", ".join(noises))
     return "\n".join(out)
 
 
