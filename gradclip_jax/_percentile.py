@@ -123,7 +123,8 @@ def percentile_clip(
     they fall early in training, where a threshold over the whole history lags. Windows of 10,
     20, 100 and the whole run were tried with percentiles from 25 to 90; about 20 norms did
     best, and of the percentiles 35 to 60 (24 seeds per learning rate on the RNNs) only the
-    median stayed within 2% of the best fixed threshold with momentum: lower ones slow
+    median stayed within 2% of the best fixed threshold with momentum in that sweep (a
+    scenario whose results move by several percent from rounding alone): lower ones slow
     momentum runs at low learning rates, higher ones protect plain SGD less. The classic rule,
     "log the unclipped norm and clip at about its 90th percentile", is
     ``percentile_clip(90.0, window=None)``: a rarer safety net, which did worse on those
