@@ -181,7 +181,7 @@ def slowest(results: dict[str, Any]) -> dict[str, Any]:
 def noisiest(results: dict[str, Any]) -> dict[str, Any]:
     """The tree whose noise control (the same step timed twice) is furthest from 1."""
     def spread(tree: dict[str, Any]) -> float:
-        r = tree.get("control_vs_optax_clip", 1.0)
+        r = tree["control_vs_optax_clip"]
         return max(r, 1.0 / r)
 
     trees = [t for t in results["trees"] if "control_vs_optax_clip" in t]

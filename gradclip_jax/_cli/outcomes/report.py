@@ -83,19 +83,21 @@ def verdict(results: dict[str, Any]) -> str:
         natural = "x100" not in sc["key"] and "x0.01" not in sc["key"]
         ok_c1 = (not natural) or r["vs_c1"] <= 0.0
         below_c1 += int(natural and r["vs_c1"] < 0.0)
-        best_note = _fail_note(ok_best, r.get("vs_best_fixed_ci"), 2.0, "2%", "reaches", ".1f")
         noise_pct = sc.get("noise_vs_best_pct")
-        if not ok_best and noise_pct is not None and r["vs_best_fixed_pct"] - 2.0 <= noise_pct:
-            best_note = best_note[:-1] + (f"; the noise control moved {noise_pct:.1f}% from "
-                                          f"c=1, more than the excess)")
+        best_note = _fail_note(
+            ok_best, r.get("vs_best_fixed_ci"), 2.0, "2%", "reaches", ".1f",
+            noise=(None if noise_pct is None or r["vs_best_fixed_pct"] - 2.0 > noise_pct
+                   else f"the noise control moved {noise_pct:.1f}% from c=1, more than the "
+                        "excess"))
         marks = [f"lost {r['lost']}" + ("" if ok_lost else " (FAIL)"),
                  f"{r['vs_best_fixed_pct']:+.2f}% vs best fixed c" + best_note]
         if natural:
-            c1_note = _fail_note(ok_c1, r.get("vs_c1_ci"), 0.0, "0", "holds", ".4f")
-            noise = sc.get("noise_vs_c1")
-            if not ok_c1 and noise is not None and abs(r["vs_c1"]) <= noise:
-                c1_note = c1_note[:-1] + (f"; the noise control differs from c=1 by "
-                                          f"{noise:.4f}, more than this)")
+            noise_c1 = sc.get("noise_vs_c1")
+            c1_note = _fail_note(
+                ok_c1, r.get("vs_c1_ci"), 0.0, "0", "holds", ".4f",
+                noise=(None if noise_c1 is None or abs(r["vs_c1"]) > noise_c1
+                       else f"the noise control differs from c=1 by {noise_c1:.4f}, more "
+                            "than this"))
             marks.append(f"{r['vs_c1']:+.4f} vs c=1" + c1_note)
         out.append(f"- {sc['key']}: " + ", ".join(marks))
     out.append(f"- lower than c=1 in {below_c1} natural-scale scenarios (the bar is 2)")
@@ -110,14 +112,17 @@ def verdict(results: dict[str, Any]) -> str:
 
 
 def _fail_note(ok: bool, ci: list[float] | None, bar: float, bar_text: str, verb: str,
-               fmt: str) -> str:
-    """'' when a line is met; else says so, and whether its interval still meets the bar."""
+               fmt: str, noise: str | None = None) -> str:
+    """'' when a line is met; else says so, whether its interval still meets the bar, and
+    ``noise`` (when the noise control moved further than the line was missed by)."""
     if ok:
         return ""
+    text = f"FAIL: > {bar_text}"
     if ci is not None and ci[0] <= bar:
-        return (f" (FAIL: > {bar_text}, but its 95% interval [{ci[0]:+{fmt}}, {ci[1]:+{fmt}}] "
-                f"{verb} {bar_text})")
-    return f" (FAIL: > {bar_text})"
+        text += f", but its 95% interval [{ci[0]:+{fmt}}, {ci[1]:+{fmt}}] {verb} {bar_text}"
+    if noise is not None:
+        text += f"; {noise}"
+    return f" ({text})"
 
 
 def _interval(row: dict[str, Any]) -> str:
