@@ -59,16 +59,17 @@ def _accum_dtype(dtype: Any) -> Any:
 
 def _as_real(x: jax.Array, kind: str, acc: Any) -> tuple[str, jax.Array]:
     """A real array whose measure ``kind`` equals that of ``x`` (complex: of ``|x|``)."""
-    if x.dtype == jnp.bfloat16:
-        # XLA's CPU backend computes bfloat16 arithmetic in float32, so the optimizer's
-        # elementwise update converts the gradient too. Merged with this convert, the float32
-        # copy would be written out and read back (4 passes over the leaf's bytes, measured);
-        # behind the barrier the convert stays inside the reduction. (float16 converts are
-        # written out whatever is done here: the CPU backend's reduction library takes none.)
-        # One barrier per measure (the tag differs), or the measures would share one copy.
-        x, _ = lax.optimization_barrier((x, jnp.asarray(_TAGS[kind], jnp.int32)))
-        return kind, x.astype(acc)
     if not jnp.issubdtype(x.dtype, jnp.complexfloating):
+        # Behind a barrier, so that XLA cannot merge this measure's elementwise work with the
+        # optimizer's: Adam squares the gradient too, and one shared x * x would be written out
+        # and read back by both (2 extra passes, measured with an unclipped Adam under
+        # skip_spikes). Likewise XLA's CPU backend computes bfloat16 arithmetic in float32:
+        # merged with the optimizer's convert, the float32 copy was written out and read back
+        # (4 passes over the leaf's bytes); behind the barrier the convert stays inside the
+        # reduction. (float16 converts are written out whatever is done here: the CPU
+        # backend's reduction library takes none.) One barrier per measure (the tag differs),
+        # or the measures would share one copy.
+        x, _ = lax.optimization_barrier((x, jnp.asarray(_TAGS[kind], jnp.int32)))
         return kind, x.astype(acc)
     if kind == SUMSQ:
         # |z|^2 = re^2 + im^2, summed as is: the squares are the elementwise values.

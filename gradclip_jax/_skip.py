@@ -18,7 +18,9 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.extend import core as jcore
 
 from gradclip_jax import _norms
 from gradclip_jax._core import MEASURED, ClipName, computed_once
@@ -92,6 +94,74 @@ def _restart(sketch: NormSketch) -> NormSketch:
                                recorded=jnp.zeros_like(sketch.recorded))
 
 
+def _is_traceable(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic, bool, int, float, complex))
+
+
+def _update_unless(skip: jax.Array, step: Any, args: tuple, old_state: Any) -> tuple[Any, Any]:
+    """``step(*args) -> (updates, new_state)``; on ``skip``, -0.0 updates and ``old_state``.
+
+    The plain way, ``where(skip, old, new)`` on the step's outputs, leaves the updates
+    computed from the unselected new state, and XLA (on CPU, which has no multi-output loop
+    fusion) then computes every new moment twice: once for the state it writes, and again,
+    reading the gradient and the old moment, inside the parameter update. So the step is
+    traced and replayed, and each state leaf is selected where it is computed, before the
+    updates use it. On an applied step that changes no bit; on a skipped one the updates
+    are replaced anyway. The parameter update then reads the state it writes, as it does
+    without the guard.
+    """
+    flat, in_tree = jax.tree.flatten(args)
+    dynamic = [i for i, x in enumerate(flat) if _is_traceable(x)]
+
+    def traced(*values):
+        full = list(flat)
+        for i, v in zip(dynamic, values, strict=True):
+            full[i] = v
+        return step(*jax.tree.unflatten(in_tree, full))
+
+    values = [flat[i] for i in dynamic]
+    closed, out_shape = jax.make_jaxpr(traced, return_shape=True)(*values)
+    jaxpr = closed.jaxpr
+    n_updates = len(jax.tree.leaves(out_shape[0]))
+    state_vars = jaxpr.outvars[n_updates:]
+    old_leaves = jax.tree.leaves(old_state)
+    # The state leaves this replay selects where they are computed: each computed by the
+    # step (not passed through, not a literal), and not two leaves from one variable.
+    bound = set(jaxpr.invars) | set(jaxpr.constvars)
+    select_at: dict[Any, Any] = {}
+    for var, old in zip(state_vars, old_leaves, strict=True):
+        if isinstance(var, jcore.Var) and var not in bound:
+            select_at[var] = None if var in select_at else old
+
+    env: dict[Any, Any] = dict(zip(jaxpr.constvars, closed.consts, strict=True))
+    env.update(zip(jaxpr.invars, values, strict=True))
+
+    def read(v: Any) -> Any:
+        return v.val if isinstance(v, jcore.Literal) else env[v]
+
+    for eqn in jaxpr.eqns:
+        params = eqn.primitive.get_bind_params(eqn.params)
+        # jax < 0.7 returns (subfuns, params).
+        subfuns, params = params if isinstance(params, tuple) else ((), params)
+        with eqn.ctx.manager:
+            outs = eqn.primitive.bind(*subfuns, *map(read, eqn.invars), **params)
+        outs = outs if eqn.primitive.multiple_results else [outs]
+        for var, out in zip(eqn.outvars, outs, strict=True):
+            if not isinstance(var, jcore.DropVar):
+                old = select_at.get(var)
+                env[var] = out if old is None else jnp.where(skip, old, out)
+
+    outs = [read(v) for v in jaxpr.outvars]
+    # -0.0, not 0.0: p + (-0.0) is p bit for bit, a parameter of -0.0 included, so a
+    # skipped step leaves the parameters exactly as they were.
+    updates = [jnp.where(skip, jnp.full_like(u, -0.0), u) for u in outs[:n_updates]]
+    # The leaves not selected yet. Selecting one twice would make XLA fuse the first select
+    # into both of its users, which is the recomputation this replay is for.
+    state = [new if select_at.get(var) is not None else jnp.where(skip, old, new)
+             for var, new, old in zip(state_vars, outs[n_updates:], old_leaves, strict=True)]
+    return jax.tree.unflatten(jax.tree.structure(out_shape), updates + state)
+
+
 def skip_spikes(
     inner: optax.GradientTransformation,
     *,
@@ -128,11 +198,15 @@ def skip_spikes(
     skipped. The guard never skips a finite step forever, and never applies a non-finite one.
 
     The gradient norm is the same single-read reduction as the clips'; with a gradclip_jax
-    clip inside ``inner``, XLA computes it once for both.
+    clip inside ``inner``, XLA computes it once for both, and that read is all the guard adds
+    to the step: the inner update is replayed with each state leaf selected where it is
+    computed, so the parameter update reads the state the step writes (bit for bit the inner
+    transformation's own on an applied step) instead of computing it a second time.
 
     Args:
       inner: the transformation to guard, for example
-        ``optax.chain(gradclip_jax.percentile_clip(), optax.adamw(1e-3))``.
+        ``optax.chain(gradclip_jax.percentile_clip(), optax.adamw(1e-3))`` (an
+        ``optax.MultiSteps`` is taken as its ``gradient_transformation()``).
       k: > 0, the spike threshold in robust standard deviations of the log-values. The
         default, 6, matches the mean + 6 sigma of MaxText and OLMo, on robust statistics.
       min_ratio: > 1, the smallest ratio to the median that can be a spike, whatever the
@@ -158,6 +232,8 @@ def skip_spikes(
       >>> bool((updates["w"] == 0).all()), int(gradclip_jax.stats(state)["skipped_norm_spikes"])
       (True, 1)
     """
+    if isinstance(inner, optax.MultiSteps):
+        inner = inner.gradient_transformation()
     if not isinstance(inner, optax.GradientTransformation):
         raise TypeError(
             f"inner must be an optax GradientTransformation, got {type(inner).__name__}")
@@ -200,15 +276,14 @@ def skip_spikes(
         skip = ~finite | (spike & ~rebase)
         skip, = computed_once(skip)
 
-        shared = {MEASURED: (jax.tree.leaves(updates), measures)}
-        new_updates, new_inner = inner.update(updates, state.inner_state, params,
-                                              **extra_args, **shared)
-        # -0.0, not 0.0: p + (-0.0) is p bit for bit, a parameter of -0.0 included, so a
-        # skipped step leaves the parameters exactly as they were.
-        new_updates = jax.tree.map(
-            lambda u: jnp.where(skip, jnp.full_like(u, -0.0), u), new_updates)
-        new_inner = jax.tree.map(
-            lambda new, old: jnp.where(skip, old, new), new_inner, state.inner_state)
+        def inner_step(grads, inner_state, params, measures, extra):
+            # The clip inside recognises the measures by the identity of these leaves.
+            shared = {MEASURED: (jax.tree.leaves(grads), measures)}
+            return inner.update(grads, inner_state, params, **extra, **shared)
+
+        new_updates, new_inner = _update_unless(
+            skip, inner_step, (updates, state.inner_state, params, measures, extra_args),
+            state.inner_state)
 
         accept = ~skip
         norms = jax.tree.map(lambda a, b: jnp.where(rebase, a, b),

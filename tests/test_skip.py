@@ -192,3 +192,56 @@ def test_a_skipped_step_leaves_parameters_and_inner_state_bit_identical(params, 
     for a, b in zip(jax.tree.leaves(state.inner_state), jax.tree.leaves(new_state.inner_state),
                     strict=True):
         np.testing.assert_array_equal(bits(a), bits(b))
+
+
+INNERS = {
+    "adamw": lambda: optax.adamw(1e-2, weight_decay=0.1),
+    "momentum": lambda: optax.sgd(1e-2, momentum=0.9),  # the update is the new state itself
+    "adafactor": lambda: optax.adafactor(1e-2),  # factored moments, a state of another shape
+    "lion": lambda: optax.lion(1e-3),
+    "schedule": lambda: optax.adam(optax.warmup_cosine_decay_schedule(0.0, 1e-2, 3, 20)),
+    "multisteps": lambda: optax.MultiSteps(optax.adam(1e-2), every_k_schedule=2),
+    "percentile_clip+adam": lambda: optax.chain(gc.percentile_clip(), optax.adam(1e-2)),
+}
+
+
+@pytest.mark.parametrize("make", INNERS.values(), ids=INNERS.keys())
+def test_applied_steps_are_the_inner_transformation_s_own(make):
+    # The guard replays the inner update with each state leaf selected where it is computed
+    # (so XLA does not compute it twice); on an applied step nothing may change, bit for bit.
+    params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "b": jnp.full((5,), 0.5)}
+    inner, tx = make(), gc.skip_spikes(make(), warmup_steps=3)
+    inner_state, state = inner.init(params), tx.init(params)
+    inner_update, update = jax.jit(inner.update), jax.jit(tx.update)
+    rng = np.random.default_rng(0)
+    for t in range(8):
+        grads = jax.tree.map(lambda p: jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+        if t == 6:  # a spike: skipped, the inner state kept
+            grads = jax.tree.map(lambda g: g * 1e4, grads)
+            updates, new_state = update(grads, state, params)
+            assert int(new_state.skipped_steps) == 1
+            assert all(np.all(np.asarray(u) == 0) for u in jax.tree.leaves(updates))
+            for a, b in zip(jax.tree.leaves(state.inner_state),
+                            jax.tree.leaves(new_state.inner_state), strict=True):
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+            state = new_state
+            continue
+        want, inner_state = inner_update(grads, inner_state, params)
+        got, state = update(grads, state, params)
+        for a, b in zip(jax.tree.leaves((want, inner_state)),
+                        jax.tree.leaves((got, state.inner_state)), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        params = optax.apply_updates(params, want)
+
+
+def test_extra_arguments_that_are_not_arrays_reach_the_inner_transformation():
+    seen = []
+
+    def update(updates, state, params=None, *, tag=None, **extra):
+        seen.append(tag)
+        return updates, state
+
+    inner = optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update)
+    tx = gc.skip_spikes(inner)
+    jax.jit(lambda g, s: tx.update(g, s, tag="label"))(PARAMS, tx.init(PARAMS))
+    assert seen == ["label"]
