@@ -132,8 +132,11 @@ def clip_by_value(
     This bounds each coordinate but, unlike :func:`clip_by_global_norm`, bends the direction of
     the update when coordinates of different scale are clipped unevenly. A step counts as
     clipped when any coordinate exceeded ``c``. Diagnostics are the same as for the norm clip
-    (the recorded norm is the unclipped global L2 norm) and come out of the same single read
-    of the gradients.
+    (the recorded norm is the unclipped global L2 norm). They take two reductions of each
+    leaf, the sum of squares and the largest magnitude: GPU backends fuse sibling reductions
+    into one read, XLA's CPU backend reads the gradients once for each (2 extra reads; the
+    clip itself fuses into the optimizer's update, where ``optax.clip`` writes the clipped
+    update out and reads it back).
 
     Args:
       max_value: ``c`` > 0: a float, a scalar (0-d) array or an optax schedule. One bound
