@@ -147,9 +147,8 @@ def _update_unless(skip: jax.Array, step: Any, args: tuple, old_state: Any) -> t
             outs = eqn.primitive.bind(*subfuns, *map(read, eqn.invars), **params)
         outs = outs if eqn.primitive.multiple_results else [outs]
         for var, out in zip(eqn.outvars, outs, strict=True):
-            if not isinstance(var, jcore.DropVar):
-                old = select_at.get(var)
-                env[var] = out if old is None else jnp.where(skip, old, out)
+            old = select_at.get(var)
+            env[var] = out if old is None else jnp.where(skip, old, out)
 
     outs = [read(v) for v in jaxpr.outvars]
     # -0.0, not 0.0: p + (-0.0) is p bit for bit, a parameter of -0.0 included, so a
