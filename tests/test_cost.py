@@ -51,6 +51,23 @@ def test_the_measure_sees_optax_extra_passes():
     assert extra_gradient_passes(optax.clip_by_global_norm(1.0), PARAMS) > 3.0
 
 
+def test_the_optax_way_of_logging_the_norm_adds_no_read_to_a_clip():
+    # optax's recipe for logging the norm before clipping: optax.monitor in front of the clip.
+    # XLA merges the monitor's norm with the clip's, so logging costs no extra read; what
+    # costs is optax's clip itself, which writes the clipped gradients out.
+    def monitored(clip, norm):
+        measures = {"norm_before_clip": norm,
+                    "is_clipped_ema": optax.measure_with_ema(lambda u: norm(u) > 1.0, 0.9)}
+        return optax.chain(optax.monitor(measures), clip)
+
+    ours = extra_gradient_passes(monitored(gc.clip_by_global_norm(1.0), gc.global_norm), PARAMS)
+    mixed = extra_gradient_passes(monitored(gc.percentile_clip(), optax.tree.norm), PARAMS)
+    theirs = extra_gradient_passes(
+        monitored(optax.clip_by_global_norm(1.0), optax.tree.norm), PARAMS)
+    assert ours <= 1.05 and mixed <= 1.05
+    assert theirs > 4.0
+
+
 ODD = 83_333  # its largest divisor up to 256 is 167
 
 

@@ -1,6 +1,8 @@
 """The transforms inside optax's wrappers: inject_hyperparams, MultiSteps, masked, partition,
 apply_if_finite."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -132,3 +134,31 @@ def test_apply_if_finite_skips_nonfinite_steps_with_propagate():
     assert int(state.notfinite_count) == 0
     # apply_if_finite discards the inner state of a skipped step, so the clip saw one step.
     assert int(gc.stats(state)["count"]) == 1
+
+
+def test_optax_monitor_and_snapshot_sit_beside_a_clip():
+    # The optax way of logging the norm before clipping: optax.monitor / optax.snapshot in the
+    # chain, read back with optax.tree.get. Our global_norm is a measure they take, and the
+    # clip's own stats are still found beside their states.
+    tx = optax.chain(
+        optax.monitor({
+            "norm_before_clip": gc.global_norm,
+            "is_clipped_ema": optax.measure_with_ema(lambda u: gc.global_norm(u) > 1.0,
+                                                     decay=0.9),
+        }),
+        optax.snapshot("snapshot_norm", gc.global_norm),
+        gc.clip_by_global_norm(1.0),
+        optax.sgd(0.1),
+    )
+    params = {"w": jnp.zeros((3,)), "b": jnp.zeros((2,))}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for scale in (0.1, 2.0, 3.0):
+        _, state = update(jax.tree.map(lambda p, s=scale: jnp.full_like(p, s), params), state,
+                          params)
+    norm = float(gc.stats(state)["grad_norm"])
+    assert norm == pytest.approx(3.0 * math.sqrt(5))
+    assert float(optax.tree.get(state, "norm_before_clip")) == norm
+    assert float(optax.tree.get(state, "snapshot_norm")) == norm
+    assert int(gc.stats(state)["clipped_steps"]) == 2
+    assert 0.0 < float(optax.tree.get(state, "is_clipped_ema")) < 1.0
