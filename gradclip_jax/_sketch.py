@@ -91,10 +91,18 @@ def sketch_add(
     )
 
 
-def _quantile_from(cumulative: jax.Array, q: jax.Array, mapping: LogMapping) -> jax.Array:
-    """Quantiles ``q`` (..., m) of the running sums ``cumulative`` (..., n): (..., m) values."""
+def _quantile_from(cumulative: jax.Array, q: jax.Array, mapping: LogMapping,
+                   total: jax.Array | None = None, empty_is_nan: bool = True) -> jax.Array:
+    """Quantiles ``q`` (..., m) of the running sums ``cumulative`` (..., n): (..., m) values.
+
+    ``total`` is ``cumulative[..., -1]``; pass it, read from each sketch, when ``cumulative``
+    is a stack of several. An empty sketch gives NaN, or with ``empty_is_nan=False`` the top
+    bucket's value. Both are for XLA's CPU backend: with the totals sliced from the stack,
+    or used again by the emptiness check, the stack has a second user and is written out
+    instead of fused into the comparison (one kernel more per step).
+    """
     n = cumulative.shape[-1]
-    total = cumulative[..., -1]
+    total = cumulative[..., -1] if total is None else total
     rank = q * jnp.maximum(total - 1.0, 0.0)[..., None]
     # The bucket of the element of that rank is the number of buckets whose running sum is at
     # most the rank, counted by a matmul: a sum over the buckets is a cascade of three
@@ -105,7 +113,7 @@ def _quantile_from(cumulative: jax.Array, q: jax.Array, mapping: LogMapping) -> 
     ones = np.stack([np.ones(n, np.float32), np.arange(n, dtype=np.float32)], axis=1)
     below = jnp.matmul(at_most, ones, precision=jax.lax.Precision.HIGHEST)[..., 0]
     value = mapping.value(jnp.minimum(below.astype(jnp.int32), n - 1))
-    return jnp.where(total[..., None] > 0, value, jnp.nan)
+    return jnp.where(total[..., None] > 0, value, jnp.nan) if empty_is_nan else value
 
 
 def sketch_quantile(sketch: NormSketch, q: jax.Array | float) -> jax.Array:
@@ -123,10 +131,15 @@ def sketch_quantile(sketch: NormSketch, q: jax.Array | float) -> jax.Array:
 
 
 def sketch_quantiles(sketches: tuple[NormSketch, ...], qs: tuple[Any, ...]) -> jax.Array:
-    """One quantile of each sketch (all of one accuracy), from one pass over their buckets."""
+    """One quantile of each sketch (all of one accuracy), from one pass over their buckets.
+
+    An empty sketch gives the top bucket's value, not NaN: the caller checks that values were
+    recorded (the percentile rule waits for ``warmup_steps``).
+    """
     mappings = {s.relative_accuracy for s in sketches}
     if len(mappings) != 1:
         raise ValueError(f"sketches of one relative accuracy needed, got {sorted(mappings)}")
     cumulative = jnp.stack([s.cumulative.astype(jnp.float32) for s in sketches])
+    total = jnp.stack([s.cumulative[-1].astype(jnp.float32) for s in sketches])
     q = jnp.stack([jnp.asarray(x, jnp.float32) for x in qs])[:, None]
-    return _quantile_from(cumulative, q, sketches[0].mapping)[:, 0]
+    return _quantile_from(cumulative, q, sketches[0].mapping, total, empty_is_nan=False)[:, 0]
