@@ -282,9 +282,12 @@ def clip_transformation(
         measured = apply.measure(measures)
         clipped = finite & (measured > threshold)
         zero = nonfinite == "zero"
+        # The threshold too: the state's copy then comes from the same kernel, not from a
+        # second evaluation of the rule.
         scalars = computed_once(
-            *apply.step_scalars(threshold, measured, clipped, finite, zero), clipped, finite)
-        *scalars, clipped, finite = scalars
+            *apply.step_scalars(threshold, measured, clipped, finite, zero), clipped, finite,
+            threshold)
+        *scalars, clipped, finite, threshold = scalars
         new_updates = jax.tree.map(lambda g: apply.update_leaf(g, tuple(scalars), zero),
                                    updates)
 

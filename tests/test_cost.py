@@ -221,14 +221,16 @@ def test_percentile_clip_adds_few_kernels_to_a_tiny_models_step():
     # percentile rule's histogram work must stay a few kernels: the sketches store running
     # sums, so recording a value is one elementwise pass and a quantile one comparison and a
     # matmul, with no prefix sum per step, and the two sketches' sums are stacked inside that
-    # comparison's kernel (their totals read from each sketch, not sliced from the stack).
-    # Measured: 44 kernels against the norm clip's 39 (45 with the totals sliced from the
-    # stack, 56 with a prefix sum of two matmuls per step, 81 with jnp.cumsum).
+    # comparison's kernel (their totals read from each sketch, not sliced from the stack),
+    # and the rule is evaluated once (the state's threshold comes out of the computed_once
+    # sort). Measured: 43 kernels against the norm clip's 39 (45 with the totals sliced from
+    # the stack and the rule evaluated twice, 56 with a prefix sum of two matmuls per step,
+    # 81 with jnp.cumsum).
     from gradclip_jax._cli.shapes import tiny_mlp
 
     params = tiny_mlp(jnp.float32)
     norm = _kernels(gc.clip_by_global_norm(1.0), params)
-    assert _kernels(gc.percentile_clip(), params) <= norm + 5
+    assert _kernels(gc.percentile_clip(), params) <= norm + 4
 
 
 def test_a_thousand_tiny_leaves_are_reduced_together():
