@@ -230,7 +230,7 @@ def test_percentile_clip_adds_few_kernels_to_a_tiny_models_step():
     # so recording a value is one elementwise pass and a quantile one comparison and a sum,
     # with no prefix sum per step; the two sketches' sums are stacked inside that
     # comparison's kernel, and the rule is evaluated once (the state's threshold comes out of
-    # the computed_once sort). Measured: 45 kernels against the norm clip's 39 (56 with a
+    # the computed_once barrier). Measured: 45 kernels against the norm clip's 39 (56 with a
     # prefix sum of two matmuls per step, 81 with jnp.cumsum).
     from gradclip_jax._cli.shapes import tiny_mlp
 
