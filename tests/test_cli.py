@@ -8,6 +8,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -101,6 +102,28 @@ def test_bench_tree_reports_every_transform():
     assert "gradclip_jax.percentile_clip" in table and "| odd |" in table
     assert "slowest ratio to optax's clip" in table
     assert "(noise control)" in table and "the same step timed twice" in table
+
+
+def test_small_trees_are_also_timed_in_a_jitted_loop():
+    # A tiny model's step costs less than a call's dispatch, so it is timed in a jitted loop
+    # too; the loop must train (the parameters move) and report times per step.
+    params = {"w": jnp.ones((7, 3)), "b": jnp.ones((3,))}
+    tx = optax.chain(gc.percentile_clip(), optax.adam(0.1))
+    new_params, state = bench._step_runner(tx, params, loop_steps=5)()
+    assert int(gc.stats(state)["count"]) == 5
+    assert not np.allclose(new_params["w"], params["w"])
+    looped = bench.bench_tree("mlp", params, repeats=2, passes=False, loop_steps=5)
+    assert looped["timing"] == "jitted loop" and "5 steps in a jitted loop" in looped["tree"]
+    assert all(row["time_ms"] > 0 for row in looped["rows"])
+    per_call = bench.bench_tree("mlp", params, repeats=2, passes=False)
+    assert per_call["timing"] == "one call per step" and per_call["tree"] == "mlp"
+    results = {"backend": "cpu", "device": "cpu", "jax": jax.__version__,
+               "optax": optax.__version__, "trees": [per_call, looped],
+               "bandwidth": bench.bench_bandwidth(20_000, 1)}
+    results["percentile_vs_norm"] = bench.percentile_vs_norm(results)
+    worst = max(per_call["percentile_vs_norm_clip"], looped["percentile_vs_norm_clip"])
+    assert results["percentile_vs_norm"]["ratio"] == worst
+    assert "the percentile clip's step over the norm clip's" in bench.format_table(results)
 
 
 @pytest.mark.parametrize("quick", [True, False])

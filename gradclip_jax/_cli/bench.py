@@ -7,7 +7,10 @@ leaves, one huge leaf, a tiny MLP; see ``shapes.py``), in float32 and bfloat16:
   / gradient bytes. Deterministic; 1.0 is the floor for a norm clip fused into the optimizer.
 - wall-clock ratios: one jitted optimizer step of ``chain(clip, adam)`` against ``adam`` alone
   and against ``chain(optax.clip_by_global_norm, adam)``; variants are run interleaved, and
-  each keeps its fastest of several repetitions.
+  each keeps its fastest of several repetitions. Trees under a million parameters are timed
+  a second way too: ``LOOP_STEPS`` steps inside one jitted loop, as a small model is trained
+  in a ``scan``. A call's dispatch costs more than such a step, so timed one call per step
+  the clip's share is diluted and lost in the noise; in the loop it is what is measured.
 
 The table ends with the slowest ratio to optax's clip over every tree, dtype and transform,
 so that a regression on any one shape shows at once. It also times ``global_norm`` against a
@@ -70,24 +73,51 @@ def interleaved_min_times(fns: dict[str, Any], repeats: int,
     return best
 
 
-def _step_runner(tx: optax.GradientTransformation, params: Any):
-    step = train_step(tx)
+LOOP_STEPS = 100
+LOOPED_BELOW = 1_000_000
+"""Trees with fewer parameters are also timed in a jitted loop of ``LOOP_STEPS`` steps."""
+
+
+def _step_runner(tx: optax.GradientTransformation, params: Any, loop_steps: int | None = None):
+    """A zero-argument function that runs one step (or ``loop_steps`` steps in one call)."""
     state = tx.init(params)
     grads = jax.tree.map(lambda x: jnp.full_like(x, 0.01), params)
-    return lambda: step(grads, state, params)
+    if loop_steps is None:
+        step = train_step(tx)
+        return lambda: step(grads, state, params)
+
+    @jax.jit
+    def steps(params, state):
+        def body(_, carry):
+            p, s = carry
+            # Gradients that depend on the carried parameters, so that XLA cannot fold the
+            # norm of a loop-invariant gradient out of the loop.
+            g = jax.tree.map(lambda g0, x: (g0 + 0.5 * x).astype(x.dtype), grads, p)
+            updates, s = tx.update(g, s, p)
+            return optax.apply_updates(p, updates), s
+
+        return jax.lax.fori_loop(0, loop_steps, body, (params, state))
+
+    return lambda: steps(params, state)
 
 
 def bench_tree(name: str, params: Any, repeats: int, *, passes: bool = True,
-               budget_s: float = 0.0) -> dict[str, Any]:
-    """Step times of every transform chained with adam on ``params``, and their traffic."""
+               budget_s: float = 0.0, loop_steps: int | None = None) -> dict[str, Any]:
+    """Step times of every transform chained with adam on ``params``, and their traffic.
+
+    With ``loop_steps``, each timed call runs that many steps in a jitted loop, and the
+    times are per step.
+    """
     adam = optax.adam(1e-3)
     txs = transforms()
-    runners = {"adam": _step_runner(adam, params)}
-    runners.update({t: _step_runner(optax.chain(tx, adam), params) for t, tx in txs.items()})
+    runner = lambda tx: _step_runner(tx, params, loop_steps)  # noqa: E731
+    runners = {"adam": runner(adam)}
+    runners.update({t: runner(optax.chain(tx, adam)) for t, tx in txs.items()})
     # The noise control: optax's clip compiled and timed a second time, side by side. Its
     # ratio to the first is what this machine's timing alone makes of identical steps.
-    runners[CONTROL] = _step_runner(optax.chain(txs[REFERENCE], adam), params)
+    runners[CONTROL] = runner(optax.chain(txs[REFERENCE], adam))
     times = interleaved_min_times(runners, repeats, budget_s=budget_s)
+    times = {t: v / (loop_steps or 1) for t, v in times.items()}
     rows = []
     for t, tx in txs.items():
         rows.append({
@@ -100,13 +130,16 @@ def bench_tree(name: str, params: Any, repeats: int, *, passes: bool = True,
         })
     leaves = jax.tree.leaves(params)
     return {
-        "tree": name,
+        "tree": name if loop_steps is None else f"{name}, {loop_steps} steps in a jitted loop",
+        "timing": "one call per step" if loop_steps is None else "jitted loop",
         "dtype": str(leaves[0].dtype),
         "params": sum(int(x.size) for x in leaves),
         "leaves": len(leaves),
-        "adam_ms": round(times["adam"] * 1e3, 4),
+        "adam_ms": round(times["adam"] * 1e3, 5),
         "rows": rows,
         "control_vs_optax_clip": round(times[CONTROL] / times[REFERENCE], 3),
+        "percentile_vs_norm_clip": round(times["gradclip_jax.percentile_clip"]
+                                         / times["gradclip_jax.clip_by_global_norm"], 3),
     }
 
 
@@ -155,11 +188,16 @@ def run(*, quick: bool, json_path: str | None, progress: Any = None,
             passes = n <= 40_000_000 and len(jax.tree.leaves(params)) <= 500
             results["trees"].append(bench_tree(name, params, _repeats(n, quick),
                                                passes=passes, budget_s=TIME_BUDGET_S[quick]))
+            if n < LOOPED_BELOW:
+                results["trees"].append(bench_tree(name, params, 11 if quick else 31,
+                                                   passes=False, budget_s=TIME_BUDGET_S[quick],
+                                                   loop_steps=LOOP_STEPS))
             del params
             if progress is not None:
                 progress(1)
     results["slowest"] = slowest(results)
     results["noisiest"] = noisiest(results)
+    results["percentile_vs_norm"] = percentile_vs_norm(results)
     results["bandwidth"] = bench_bandwidth(8_000_000 if quick else 32_000_000, 5 if quick else 15)
     if progress is not None:
         progress(1)
@@ -191,6 +229,19 @@ def noisiest(results: dict[str, Any]) -> dict[str, Any]:
     return {"tree": worst["tree"], "dtype": worst["dtype"], "spread": round(spread(worst), 3)}
 
 
+def percentile_vs_norm(results: dict[str, Any]) -> dict[str, Any]:
+    """The tree where the percentile clip's step is slowest against the norm clip's.
+
+    The percentile rule's own cost: its histograms and quantile, over the same clip.
+    """
+    trees = [t for t in results["trees"] if "percentile_vs_norm_clip" in t]
+    if not trees:
+        return {}
+    worst = max(trees, key=lambda t: t["percentile_vs_norm_clip"])
+    return {"tree": worst["tree"], "dtype": worst["dtype"],
+            "ratio": worst["percentile_vs_norm_clip"]}
+
+
 def steps_per_run(quick: bool) -> int:
     """How many progress steps ``run`` reports: one per tree and dtype, one for bandwidth."""
     return len(shapes.shape_sets(quick=quick)) * len(DTYPES) + 1
@@ -220,19 +271,23 @@ def format_table(results: dict[str, Any]) -> str:
             passes = row["extra_gradient_passes"]
             lines.append(
                 f"| {tree['tree']} | {tree['dtype']} | {_count(tree['params'])} "
-                f"({tree['leaves']}) | {tree['adam_ms']:.3f} | `{row['transform']}` | "
+                f"({tree['leaves']}) | {tree['adam_ms']:.4g} | `{row['transform']}` | "
                 f"{'-' if passes is None else f'{passes:.3f}'} | {row['vs_adam']:.3f} | "
                 f"{row['vs_optax_clip']:.3f} |")
         if "control_vs_optax_clip" in tree:
             lines.append(
                 f"| {tree['tree']} | {tree['dtype']} | {_count(tree['params'])} "
-                f"({tree['leaves']}) | {tree['adam_ms']:.3f} | `{CONTROL}` (noise control) | "
+                f"({tree['leaves']}) | {tree['adam_ms']:.4g} | `{CONTROL}` (noise control) | "
                 f"- | - | {tree['control_vs_optax_clip']:.3f} |")
     worst = results.get("slowest")
     if worst:
         lines.append("")
         lines.append(f"slowest ratio to optax's clip: {worst['vs_optax_clip']:.3f} "
                      f"(`{worst['transform']}` on {worst['tree']}, {worst['dtype']})")
+    rule = results.get("percentile_vs_norm")
+    if rule:
+        lines.append(f"the percentile clip's step over the norm clip's, largest: "
+                     f"{rule['ratio']:.3f} ({rule['tree']}, {rule['dtype']})")
     noise = results.get("noisiest")
     if noise:
         lines.append(f"noise: the same step timed twice differed by up to {noise['spread']:.3f}x "
