@@ -23,6 +23,9 @@ from gradclip_jax._cli import bench, main, shapes
     ["demo", "--steps", "-5"],
     ["demo", "--steps", "many"],
     ["bench", "--json"],
+    ["outcomes", "--percentile", "0"],
+    ["outcomes", "--percentile", "ninety"],
+    ["outcomes", "--window", "0"],
 ])
 def test_bad_arguments_exit_with_usage_error(argv, capsys):
     with pytest.raises(SystemExit) as exc:

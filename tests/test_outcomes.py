@@ -158,6 +158,25 @@ def test_outcomes_command_writes_table_json_and_plots(tmp_path, monkeypatch):
     assert jax.tree.leaves(results)  # plain JSON values throughout
 
 
+def test_percentile_and_window_variants_train_beside_the_default():
+    # `outcomes --percentile P --window W`: variants of the default in one vmapped program
+    # each; at the default's own values they train exactly as the default does.
+    task = tasks.rnn(quick=True)
+    task = tasks.Task(**{**task.__dict__, "steps": 40, "eval_every": 20, "warmup": 5,
+                         "arms": task.arms[:2]})
+    fams = harness.families(percentiles=(50.0, 25.0), windows=(20, 5))
+    fams = [f for f in fams if f.name in ("percentiles", "windows", "default")]
+    logs = harness.run_task(task, fams)
+    assert {"percentile_clip(50)", "percentile_clip(25)", "percentile_clip(window=20)",
+            "percentile_clip(window=5)"} <= set(logs)
+    default = logs[harness.DEFAULT]
+    for same in ("percentile_clip(50)", "percentile_clip(window=20)"):
+        np.testing.assert_allclose(logs[same]["threshold"], default["threshold"], rtol=1e-5)
+        np.testing.assert_allclose(logs[same]["val_loss"], default["val_loss"], rtol=1e-5)
+    lower = logs["percentile_clip(25)"]["threshold"][:, 5:]
+    assert np.mean(np.log(lower)) < np.mean(np.log(default["threshold"][:, 5:]))
+
+
 def test_the_guarded_policy_skips_the_injected_spikes_past_its_warmup():
     task = tasks.lstm(quick=True)
     spiked = tuple(a for a in task.arms if a.spikes)[:1]

@@ -17,6 +17,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _percentile(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a percentile in (0, 100], got {text!r}") \
+            from None
+    if not 0.0 < value <= 100.0:
+        raise argparse.ArgumentTypeError(f"expected a percentile in (0, 100], got {value:g}")
+    return value
+
+
 def _version() -> str:
     from importlib import metadata
 
@@ -63,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: %(default)s)")
     outcomes.add_argument("--task", action="append", choices=["transformer", "lstm", "rnn"],
                           help="run only this task (repeatable)")
+    outcomes.add_argument("--percentile", action="append", type=_percentile, default=[],
+                          metavar="P", help="also train percentile_clip(P), a variant of the "
+                          "default, beside the other policies (repeatable)")
+    outcomes.add_argument("--window", action="append", type=_positive_int, default=[],
+                          metavar="W", help="also train percentile_clip(window=W) (repeatable)")
 
     bench = sub.add_parser(
         "bench",
@@ -88,7 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "outcomes":
             from gradclip_jax._cli.outcomes import run
 
-            return run.main(quick=args.quick, out=args.out, only=args.task)
+            return run.main(quick=args.quick, out=args.out, only=args.task,
+                            percentiles=tuple(args.percentile),
+                            windows=tuple(args.window))
         from tqdm.auto import tqdm
 
         from gradclip_jax._cli import bench

@@ -46,9 +46,19 @@ class Family:
     tasks: tuple[str, ...] | None = None  # the tasks it runs on (None: all)
 
 
-def families() -> list[Family]:
+def families(percentiles: tuple[float, ...] = (),
+             windows: tuple[int, ...] = ()) -> list[Family]:
+    """Every policy of the benchmark; ``percentiles`` and ``windows`` add variants of the
+    default, ``percentile_clip(p)`` and ``percentile_clip(window=w)``, each set one program."""
     fixed = {"no clip": NO_CLIP, **{f"c={c:g}": c for c in FIXED_C}}
-    return [
+    extra = []
+    if percentiles:
+        extra.append(Family("percentiles", lambda p, task: gc.percentile_clip(p),
+                            {f"percentile_clip({p:g})": p for p in percentiles}))
+    if windows:
+        extra.append(Family("windows", lambda w, task: gc.percentile_clip(window=w),
+                            {f"percentile_clip(window={w})": w for w in windows}))
+    return extra + [
         # nonfinite="propagate": a fixed clip then behaves exactly as optax's.
         Family("fixed", lambda c, task: gc.clip_by_global_norm(c, nonfinite="propagate"), fixed),
         Family("autoclip", lambda p, task: baselines.autoclip(p, max_steps=task.steps),
