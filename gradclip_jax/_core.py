@@ -190,13 +190,16 @@ def computed_once(*scalars: jax.Array) -> tuple[jax.Array, ...]:
     length. ``optimization_barrier`` does not stop that on CPU, and XLA simplifies small
     reductions away; it does not fuse a reduce-window into its users, so the scalars pass
     through a running maximum of two equal copies, whose first row is each value exactly
-    (the maximum of one value: -0.0 and NaN come back as they went in, a subnormal as zero on
-    CPU, which flushes them). It costs about half what a sort of the two copies did on a tiny
-    model's step. Booleans come back as booleans.
+    (the maximum of one value and the padding's -inf: -0.0 and NaN come back as they went
+    in, a subnormal as zero on CPU, which flushes them). It costs about half what a sort of
+    the two copies did on a tiny model's step. The reduce-window is written out rather than
+    taken from ``lax.cummax``, which JAX may lower as an associative scan (elementwise ops,
+    which fuse) on some platforms. Booleans come back as booleans.
     """
     dtype = jnp.result_type(jnp.float32, *(x.dtype for x in scalars if x.dtype != jnp.bool_))
     packed = jnp.stack([x.astype(dtype) for x in scalars])
-    once = lax.cummax(jnp.stack([packed, packed]), axis=0)[0]
+    once = lax.reduce_window(jnp.stack([packed, packed]), jnp.array(-jnp.inf, dtype), lax.max,
+                             (2, 1), (1, 1), ((1, 0), (0, 0)))[0]
     return tuple(once[i] > 0 if x.dtype == jnp.bool_ else once[i].astype(x.dtype)
                  for i, x in enumerate(scalars))
 

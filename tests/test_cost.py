@@ -119,6 +119,19 @@ def test_per_element_work_does_not_grow_with_leaf_count(clip):
     assert widest_elementwise_fusion(48) <= 8
 
 
+@pytest.mark.parametrize("platform", ["cpu", "cuda", "rocm", "tpu"])
+def test_the_scalar_barrier_is_a_reduce_window_on_every_platform(platform):
+    # The per-step scalars stay out of the elementwise updates only behind an op XLA does not
+    # fuse into its users; lowered for each backend (no device needed), it is a reduce-window,
+    # not elementwise ops that a scan lowering would leave.
+    from gradclip_jax._core import computed_once
+
+    step = jax.jit(lambda a, b: computed_once(a, b > 0))
+    text = step.trace(jnp.float32(1.0), jnp.float32(2.0)).lower(
+        lowering_platforms=(platform,)).as_text()
+    assert text.count("stablehlo.reduce_window") == 1, text
+
+
 def test_jit_of_update_alone_keeps_scalars_once():
     # The same holds without an optimizer after the clip.
     tx = gc.clip_by_value(1.0)
