@@ -107,6 +107,13 @@ def test_bench_tree_reports_every_transform():
     assert "(noise control)" in table and "the same step timed twice" in table
 
 
+def test_a_quantile_given_as_percentile_warns():
+    parser = main.build_parser()
+    with pytest.warns(UserWarning, match="0.9th percentile"):
+        args = parser.parse_args(["outcomes", "--percentile", "0.9"])
+    assert args.percentile == [0.9]
+
+
 def test_small_trees_are_also_timed_in_a_jitted_loop():
     # A tiny model's step costs less than a call's dispatch, so it is timed in a jitted loop
     # too; the loop must train (the parameters move) and report times per step.

@@ -25,6 +25,10 @@ def _percentile(text: str) -> float:
             from None
     if not 0.0 < value <= 100.0:
         raise argparse.ArgumentTypeError(f"expected a percentile in (0, 100], got {value:g}")
+    # The variants are built with a traced percentile, which percentile_clip cannot check.
+    from gradclip_jax._validation import warn_if_quantile
+
+    warn_if_quantile("--percentile", value, stacklevel=2)
     return value
 
 
