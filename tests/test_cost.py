@@ -71,11 +71,14 @@ def test_the_optax_way_of_logging_the_norm_adds_no_read_to_a_clip():
 ODD = 83_333  # its largest divisor up to 256 is 167
 
 
+def _compiled(tx, params):
+    """The HLO text of a compiled optimizer step of ``tx`` on ``params``."""
+    return train_step(tx).lower(params, tx.init(params), params).compile().as_text()
+
+
 def _compiled_step_text(clip, n_leaves, dtype=jnp.float32):
     params = [jnp.zeros((ODD,), dtype) for _ in range(n_leaves)]
-    tx = optax.chain(clip, optax.adam(1e-3))
-    lowered = train_step(tx).lower(params, tx.init(params), params)
-    return lowered.compile().as_text()
+    return _compiled(optax.chain(clip, optax.adam(1e-3)), params)
 
 
 def _entry(text):
@@ -144,8 +147,7 @@ def test_jit_of_update_alone_keeps_scalars_once():
 
 def _guard_step_text(inner, n_leaves=4):
     params = [jnp.zeros((ODD,), jnp.float32) for _ in range(n_leaves)]
-    tx = gc.skip_spikes(inner)
-    return _entry(train_step(tx).lower(params, tx.init(params), params).compile().as_text())
+    return _entry(_compiled(gc.skip_spikes(inner), params))
 
 
 def test_a_guard_and_the_clip_inside_it_take_the_norm_once():
@@ -222,8 +224,7 @@ def test_value_clip_costs_two_comparisons_and_two_selects_per_element(nonfinite)
 
 def _kernels(clip, params):
     """Kernels (top-level fusions and other ops that launch work) of a compiled clip + adam step."""
-    tx = optax.chain(clip, optax.adam(1e-3))
-    entry = _entry(train_step(tx).lower(params, tx.init(params), params).compile().as_text())
+    entry = _entry(_compiled(optax.chain(clip, optax.adam(1e-3)), params))
     launched = re.compile(r"= \S+ (fusion|sort|dot|custom-call|scatter|dynamic-update-slice|"
                           r"reduce|reduce-window|copy|convolution|while|conditional)\(")
     return sum(bool(launched.search(line)) for line in entry.splitlines())
@@ -231,8 +232,7 @@ def _kernels(clip, params):
 
 def _library_calls(clip, params):
     """Kernels of a compiled clip + adam step that call a library (a matmul, a custom call)."""
-    tx = optax.chain(clip, optax.adam(1e-3))
-    entry = _entry(train_step(tx).lower(params, tx.init(params), params).compile().as_text())
+    entry = _entry(_compiled(optax.chain(clip, optax.adam(1e-3)), params))
     called = re.compile(r"= \S+ (dot|custom-call)\(|kind=kCustom")
     return sum(bool(called.search(line)) for line in entry.splitlines())
 
