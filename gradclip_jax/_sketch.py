@@ -5,8 +5,8 @@ The sketch is a histogram over the buckets of a :class:`LogMapping`, stored as i
 fixed at construction (1,846 buckets, 7.2 KiB, at the default 1% accuracy) and does not grow
 with the number of steps. Stored so, adding a value is one elementwise pass (``+1`` from its
 bucket on), and so are the forgetting and the halving below, which scale a cumulative sum as
-they scale the counts; a quantile is one comparison with the stored sums, with no prefix sum
-to compute on every step (on a small model's step that was four kernels and most of the
+they scale the counts; a quantile is a search of the stored (sorted) sums, with no prefix
+sum to compute on every step (on a small model's step that was four kernels and most of the
 rule's cost).
 
 Counts are exact int32 when nothing is forgotten. With exponential forgetting (``decay``) they
@@ -90,26 +90,63 @@ def sketch_add(
     )
 
 
-def _quantile_from(cumulative: jax.Array, q: jax.Array, mapping: LogMapping,
-                   total: jax.Array | None = None, empty_is_nan: bool = True) -> jax.Array:
-    """Quantiles ``q`` (..., m) of the running sums ``cumulative`` (..., n): (..., m) values.
+_BLOCK = 32
+"""Buckets per block of the quantile's two-level search: XLA's CPU backend sums up to 32
+values in the kernel that computes them, and splits a longer sum into a cascade of kernels."""
 
-    ``total`` is ``cumulative[..., -1]``; pass it, read from each sketch, when ``cumulative``
-    is a stack of several. An empty sketch gives NaN, or with ``empty_is_nan=False`` the top
-    bucket's value. Both are for XLA's CPU backend: with the totals sliced from the stack,
-    or used again by the emptiness check, the stack has a second user and is written out
-    instead of fused into the comparison (one kernel more per step).
+
+def _count_at_most(cumulatives: tuple[jax.Array, ...],
+                   ranks: tuple[jax.Array, ...]) -> jax.Array:
+    """For each sketch ``s`` and rank ``ranks[s][j]``, how many of its running sums are <= it.
+
+    The running sums are sorted, so this is a search in two levels: the last sum of every
+    block of ``_BLOCK`` finds the block where the count ends, then that block alone is
+    compared. Each level reads a few dozen values and is one kernel on XLA's CPU backend,
+    where comparing all 1,846 buckets took four (the percentile clip's step on a 10k MLP in
+    a jitted loop: 1.14x the norm clip's before, 1.08x after). The count is the same as
+    comparing every bucket: before the block, every sum is <= the rank; after it, none is.
+    The sketches are stacked only after each comparison, so that the ranks (a few scalar
+    operations) are computed inside both levels' kernels instead of in one of their own.
     """
-    n = cumulative.shape[-1]
-    total = cumulative[..., -1] if total is None else total
-    rank = q * jnp.maximum(total - 1.0, 0.0)[..., None]
-    # The bucket of the element of that rank is the number of buckets whose running sum is at
-    # most the rank. Summed, on XLA's CPU backend, as a cascade of small reduce-window
-    # kernels: about 1 us in all, where a matmul by a vector of ones, one kernel, took 6 us
-    # (the library call costs more than the 2 x 1,846 additions). Exact in int32.
-    below = jnp.sum(cumulative[..., None, :] <= rank[..., None], axis=-1, dtype=jnp.int32)
-    value = mapping.value(jnp.minimum(below, n - 1))
-    return jnp.where(total[..., None] > 0, value, jnp.nan) if empty_is_nan else value
+    n = cumulatives[0].shape[-1]
+    k = min(_BLOCK, n)
+    # As rows of at most k, which XLA's CPU backend sums inside the comparison's kernel (a
+    # longer row is summed by a cascade of kernels of its own).
+    rows = -(-(n // k) // k)
+    pad = ((0, rows * k - n // k),)
+
+    def ends_at_most(c, r):
+        ends = jnp.pad(c[k - 1::k].astype(jnp.float32), pad, constant_values=jnp.inf)
+        return ends.reshape(1, rows, k) <= r[:, None, None]
+
+    coarse = jnp.sum(jnp.stack([ends_at_most(c, r) for c, r in zip(cumulatives, ranks,
+                                                                     strict=True)]),
+                     axis=(-2, -1), dtype=jnp.int32)
+    # The last block may be partial: it is read from n - k on, and whatever the start, the
+    # sums before it are all <= the rank (it starts at or before the coarse count's block).
+    start = jnp.minimum(coarse * k, n - k)
+    offsets = start[..., None] + jnp.arange(k, dtype=jnp.int32)
+    block = jnp.stack([c.astype(jnp.float32)[i] <= r[:, None]
+                       for c, i, r in zip(cumulatives, offsets, ranks, strict=True)])
+    return start + jnp.sum(block, axis=-1, dtype=jnp.int32)
+
+
+def _quantile_from(cumulatives: tuple[jax.Array, ...], q: jax.Array, mapping: LogMapping,
+                   empty_is_nan: bool = True) -> jax.Array:
+    """Quantiles ``q`` (s, m) of the sketches' running sums ``cumulatives`` (s of them): (s, m).
+
+    An empty sketch gives NaN, or with ``empty_is_nan=False`` the top bucket's value (for
+    a caller that checks emptiness itself, which saves XLA's CPU backend a kernel).
+    """
+    n = cumulatives[0].shape[-1]
+    totals = [c[-1].astype(jnp.float32) for c in cumulatives]
+    # The bucket of the element of rank floor(q (total - 1)) is the number of buckets whose
+    # running sum is at most that rank.
+    ranks = tuple(qs * jnp.maximum(t - 1.0, 0.0) for qs, t in zip(q, totals, strict=True))
+    value = mapping.value(jnp.minimum(_count_at_most(cumulatives, ranks), n - 1))
+    if not empty_is_nan:
+        return value
+    return jnp.where(jnp.stack(totals)[:, None] > 0, value, jnp.nan)
 
 
 def sketch_quantile(sketch: NormSketch, q: jax.Array | float) -> jax.Array:
@@ -121,8 +158,7 @@ def sketch_quantile(sketch: NormSketch, q: jax.Array | float) -> jax.Array:
     quantiles: they share one pass over the buckets.
     """
     q = jnp.asarray(q, jnp.float32)
-    out = _quantile_from(sketch.cumulative.astype(jnp.float32), q.reshape(-1),
-                         sketch.mapping)
+    out = _quantile_from((sketch.cumulative,), q.reshape(1, -1), sketch.mapping)
     return out.reshape(q.shape)
 
 
@@ -135,7 +171,6 @@ def sketch_quantiles(sketches: tuple[NormSketch, ...], qs: tuple[Any, ...]) -> j
     mappings = {s.relative_accuracy for s in sketches}
     if len(mappings) != 1:
         raise ValueError(f"sketches of one relative accuracy needed, got {sorted(mappings)}")
-    cumulative = jnp.stack([s.cumulative.astype(jnp.float32) for s in sketches])
-    total = jnp.stack([s.cumulative[-1].astype(jnp.float32) for s in sketches])
     q = jnp.stack([jnp.asarray(x, jnp.float32) for x in qs])[:, None]
-    return _quantile_from(cumulative, q, sketches[0].mapping, total, empty_is_nan=False)[:, 0]
+    return _quantile_from(tuple(s.cumulative for s in sketches), q, sketches[0].mapping,
+                          empty_is_nan=False)[:, 0]

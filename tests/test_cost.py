@@ -240,16 +240,17 @@ def _library_calls(clip, params):
 def test_percentile_clip_adds_few_kernels_to_a_tiny_models_step():
     # On a 10k-parameter model a step is ~10 us inside a jitted loop, so the percentile
     # rule's histogram work must stay a few cheap kernels: the sketches store running sums,
-    # so recording a value is one elementwise pass and a quantile one comparison and a sum,
-    # with no prefix sum per step; the two sketches' sums are stacked inside that
-    # comparison's kernel, and the rule is evaluated once (the state's threshold comes out of
-    # the computed_once barrier). Measured: 45 kernels against the norm clip's 39 (56 with a
-    # prefix sum of two matmuls per step, 81 with jnp.cumsum).
+    # so recording a value is one elementwise pass, and a quantile a two-level search of
+    # them (two kernels, both sketches at once), with no prefix sum per step; the rule is
+    # evaluated once (the state's threshold comes out of the computed_once barrier).
+    # Measured: 43 kernels against the norm clip's 39 (45 when every bucket was compared,
+    # whose sum took a cascade of three; 56 with a prefix sum of two matmuls per step, 81
+    # with jnp.cumsum).
     from gradclip_jax._cli.shapes import tiny_mlp
 
     params = tiny_mlp(jnp.float32)
     norm = _kernels(gc.clip_by_global_norm(1.0), params)
-    assert _kernels(gc.percentile_clip(), params) <= norm + 6
+    assert _kernels(gc.percentile_clip(), params) <= norm + 4
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

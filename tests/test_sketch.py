@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import gradclip_jax as gc
 from gradclip_jax._mapping import LogMapping
-from gradclip_jax._sketch import sketch_add, sketch_init, sketch_quantile
+from gradclip_jax._sketch import _count_at_most, sketch_add, sketch_init, sketch_quantile
 
 
 @given(x=st.floats(1e-8, 1e8), a=st.sampled_from([0.001, 0.01, 0.05]))
@@ -59,6 +59,28 @@ def test_quantile_within_accuracy_of_numpy(values, q):
     lower = float(np.quantile(values32, q, method="lower"))
     higher = float(np.quantile(values32, q, method="higher"))
     assert lower * (1 - a) * (1 - 1e-5) <= got <= higher * (1 + a) * (1 + 1e-5)
+
+
+@given(
+    counts=st.lists(hnp.arrays(np.int32, st.integers(1, 200), elements=st.integers(0, 3)),
+                    min_size=1, max_size=3),
+    data=st.data(),
+)
+def test_the_two_level_search_counts_as_a_full_comparison_does(counts, data):
+    # Any lengths (below, at and between multiples of the 32-bucket block, and shorter
+    # than one block), runs of equal sums (empty buckets), and ranks below, between, on
+    # and above the sums.
+    n = min(c.size for c in counts)
+    sums = [np.cumsum(c[:n]).astype(np.float32) for c in counts]
+    top = max(float(s[-1]) for s in sums) + 2
+    ranks = data.draw(hnp.arrays(np.float32, (len(sums), 3),
+                                 elements=st.floats(-1.0, top, width=32)))
+    for s, r in zip(sums, ranks, strict=True):
+        r[0] = s[data.draw(st.integers(0, n - 1))]  # exactly on a stored sum
+    stored = tuple(jnp.asarray(s if i % 2 else s.astype(np.int32)) for i, s in enumerate(sums))
+    got = np.asarray(jax.jit(_count_at_most)(stored, tuple(ranks)))
+    want = np.array([[np.sum(s <= x) for x in r] for s, r in zip(sums, ranks, strict=True)])
+    np.testing.assert_array_equal(got, want)
 
 
 def test_empty_sketch_quantile_is_nan():
