@@ -26,6 +26,7 @@ from gradclip_jax._cli import bench, main, shapes
     ["outcomes", "--percentile", "0"],
     ["outcomes", "--percentile", "ninety"],
     ["outcomes", "--window", "0"],
+    ["outcomes", "--early-cap", "-30"],
 ])
 def test_bad_arguments_exit_with_usage_error(argv, capsys):
     with pytest.raises(SystemExit) as exc:

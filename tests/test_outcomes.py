@@ -177,6 +177,22 @@ def test_percentile_and_window_variants_train_beside_the_default():
     assert np.mean(np.log(lower)) < np.mean(np.log(default["threshold"][:, 5:]))
 
 
+def test_an_early_cap_clips_at_one_for_its_steps_then_trains_as_the_default():
+    # `outcomes --early-cap N`: the default capped at c = 1 for its first N steps.
+    task = tasks.rnn(quick=True)
+    task = tasks.Task(**{**task.__dict__, "steps": 40, "eval_every": 20, "warmup": 5,
+                         "arms": task.arms[:2]})
+    fams = [f for f in harness.families(early_caps=(10,)) if f.name in ("early caps", "default")]
+    logs = harness.run_task(task, fams)
+    capped, default = logs["percentile_clip(), c=1 for 10 steps"], logs[harness.DEFAULT]
+    assert np.all(capped["threshold"][:, :10] <= 1.0)
+    # From the first step on, where the default has no threshold yet.
+    assert np.all(capped["threshold"][:, 0] == 1.0) and np.all(np.isinf(default["threshold"][:, 0]))
+    # The cap binds on these runs (their norms are above 1), and is gone after 10 steps.
+    assert np.any(default["threshold"][:, 1:10] > 1.0)
+    assert np.any(capped["threshold"][:, 10:] > 1.0)
+
+
 def test_the_guarded_policy_skips_the_injected_spikes_past_its_warmup():
     task = tasks.lstm(quick=True)
     spiked = tuple(a for a in task.arms if a.spikes)[:1]

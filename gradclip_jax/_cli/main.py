@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "default, beside the other policies (repeatable)")
     outcomes.add_argument("--window", action="append", type=_positive_int, default=[],
                           metavar="W", help="also train percentile_clip(window=W) (repeatable)")
+    outcomes.add_argument("--early-cap", action="append", type=_positive_int, default=[],
+                          metavar="N", help="also train percentile_clip() capped at c = 1 for "
+                          "its first N steps (repeatable)")
 
     bench = sub.add_parser(
         "bench",
@@ -110,7 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return run.main(quick=args.quick, out=args.out, only=args.task,
                             percentiles=tuple(args.percentile),
-                            windows=tuple(args.window))
+                            windows=tuple(args.window),
+                            early_caps=tuple(args.early_cap))
         from tqdm.auto import tqdm
 
         from gradclip_jax._cli import bench

@@ -46,12 +46,23 @@ class Family:
     tasks: tuple[str, ...] | None = None  # the tasks it runs on (None: all)
 
 
-def families(percentiles: tuple[float, ...] = (),
-             windows: tuple[int, ...] = ()) -> list[Family]:
-    """Every policy of the benchmark; ``percentiles`` and ``windows`` add variants of the
-    default, ``percentile_clip(p)`` and ``percentile_clip(window=w)``, each set one program."""
+def capped_for(steps: jax.Array, c: float = 1.0) -> optax.Schedule:
+    """A ``max_norm`` schedule: ``c`` for the first ``steps`` steps, no cap after."""
+    return lambda count: jnp.where(count < steps, jnp.float32(c), jnp.float32(NO_CLIP))
+
+
+def families(percentiles: tuple[float, ...] = (), windows: tuple[int, ...] = (),
+             early_caps: tuple[int, ...] = ()) -> list[Family]:
+    """Every policy of the benchmark; ``percentiles``, ``windows`` and ``early_caps`` add
+    variants of the default, each set one program: ``percentile_clip(p)``,
+    ``percentile_clip(window=w)``, and ``percentile_clip()`` capped at c = 1 for its first
+    ``n`` steps (what c = 1 does during a learning-rate warmup, then the default's rule)."""
     fixed = {"no clip": NO_CLIP, **{f"c={c:g}": c for c in FIXED_C}}
     extra = []
+    if early_caps:
+        extra.append(Family("early caps", lambda n, task: gc.percentile_clip(
+            max_norm=capped_for(n)), {f"percentile_clip(), c=1 for {n} steps": n
+                                      for n in early_caps}))
     if percentiles:
         extra.append(Family("percentiles", lambda p, task: gc.percentile_clip(p),
                             {f"percentile_clip({p:g})": p for p in percentiles}))

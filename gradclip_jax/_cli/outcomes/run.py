@@ -14,13 +14,14 @@ from gradclip_jax._cli.outcomes import harness, report, tasks
 
 
 def main(*, quick: bool, out: str, only: list[str] | None = None,
-         percentiles: tuple[float, ...] = (), windows: tuple[int, ...] = ()) -> int:
+         percentiles: tuple[float, ...] = (), windows: tuple[int, ...] = (),
+         early_caps: tuple[int, ...] = ()) -> int:
     from tqdm.auto import tqdm
 
     os.makedirs(out, exist_ok=True)
     names = only or list(tasks.TASKS)
     built = {n: tasks.TASKS[n](quick=quick) for n in names}
-    fams = harness.families(percentiles, windows)
+    fams = harness.families(percentiles, windows, early_caps)
     start = time.time()
     logs: dict[str, Any] = {}
     programs = sum(f.tasks is None or n in f.tasks for n in built for f in fams)
