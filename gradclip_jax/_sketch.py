@@ -155,7 +155,7 @@ def sketch_quantile(sketch: NormSketch, q: jax.Array | float) -> jax.Array:
     Returns the representative of the bucket holding the element of rank
     ``floor(q * (n - 1))`` (NumPy's ``method="lower"``), so the result is within the mapping's
     relative accuracy of it for values inside the mapped range. ``q`` may be an array of
-    quantiles: they share one pass over the buckets.
+    quantiles: they share one search of the buckets.
     """
     q = jnp.asarray(q, jnp.float32)
     out = _quantile_from((sketch.cumulative,), q.reshape(1, -1), sketch.mapping)
@@ -163,7 +163,7 @@ def sketch_quantile(sketch: NormSketch, q: jax.Array | float) -> jax.Array:
 
 
 def sketch_quantiles(sketches: tuple[NormSketch, ...], qs: tuple[Any, ...]) -> jax.Array:
-    """One quantile of each sketch (all of one accuracy), from one pass over their buckets.
+    """One quantile of each sketch (all of one accuracy), from one search of their buckets.
 
     An empty sketch gives the top bucket's value, not NaN: the caller checks that values were
     recorded (the percentile rule waits for ``warmup_steps``).
