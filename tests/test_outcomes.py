@@ -158,12 +158,17 @@ def test_outcomes_command_writes_table_json_and_plots(tmp_path, monkeypatch):
     assert jax.tree.leaves(results)  # plain JSON values throughout
 
 
+def _short_rnn_task():
+    """The quick RNN task cut to two arms of 40 steps: enough to compare variants."""
+    task = tasks.rnn(quick=True)
+    return tasks.Task(**{**task.__dict__, "steps": 40, "eval_every": 20, "warmup": 5,
+                         "arms": task.arms[:2]})
+
+
 def test_percentile_and_window_variants_train_beside_the_default():
     # `outcomes --percentile P --window W`: variants of the default in one vmapped program
     # each; at the default's own values they train exactly as the default does.
-    task = tasks.rnn(quick=True)
-    task = tasks.Task(**{**task.__dict__, "steps": 40, "eval_every": 20, "warmup": 5,
-                         "arms": task.arms[:2]})
+    task = _short_rnn_task()
     fams = harness.families(percentiles=(50.0, 25.0), windows=(20, 5))
     fams = [f for f in fams if f.name in ("percentiles", "windows", "default")]
     logs = harness.run_task(task, fams)
@@ -179,9 +184,7 @@ def test_percentile_and_window_variants_train_beside_the_default():
 
 def test_an_early_cap_clips_at_one_for_its_steps_then_trains_as_the_default():
     # `outcomes --early-cap N`: the default capped at c = 1 for its first N steps.
-    task = tasks.rnn(quick=True)
-    task = tasks.Task(**{**task.__dict__, "steps": 40, "eval_every": 20, "warmup": 5,
-                         "arms": task.arms[:2]})
+    task = _short_rnn_task()
     fams = [f for f in harness.families(early_caps=(10,)) if f.name in ("early caps", "default")]
     logs = harness.run_task(task, fams)
     capped, default = logs["percentile_clip(), c=1 for 10 steps"], logs[harness.DEFAULT]
