@@ -28,6 +28,7 @@ right for gradients that were already ``pmean``-ed, the data-parallel case).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -41,14 +42,15 @@ SUMSQ = "sumsq"
 SUMSQ_LO = "sumsq_lo"  # sum of squares of bfloat16 leaves, taken of x * 2**-16
 ABSSUM = "abssum"
 MAXABS = "maxabs"
+LINF = "linf"  # the largest magnitude, with a NaN counted as infinite (for global_norm)
 
 # bfloat16 has float32's exponent range, so its squares can overflow a float32 sum while the
 # norm fits. Squaring x * 2**-16 instead keeps norms up to about 1.2e24 finite, and only
 # elements below about 7e-15 (whose squares fall under float32's normal range) are lost.
 _LO_SCALE = 2.0**-16
 
-_MAX_KINDS = frozenset({MAXABS})
-_TAGS = {SUMSQ: 0, SUMSQ_LO: 1, ABSSUM: 2, MAXABS: 3}
+_MAX_KINDS = frozenset({MAXABS, LINF})
+_TAGS = {SUMSQ: 0, SUMSQ_LO: 1, ABSSUM: 2, MAXABS: 3, LINF: 4}
 _SQUARED = "squared"  # internal: values that are already the squares to sum
 
 
@@ -88,6 +90,12 @@ def _elementwise(kind: str, x: jax.Array) -> jax.Array:
         return jnp.square(x * scale)
     if kind == _SQUARED:
         return x
+    if kind == LINF:
+        # XLA's CPU backend skips NaNs in a max over more than a few thousand elements (the
+        # clips take their non-finite check from the sum of squares, which never does); here a
+        # NaN counts as an infinite magnitude, so the norm is not finite. The select makes
+        # this max slower than a plain one, so only global_norm asks for it.
+        return jnp.where(jnp.isnan(x), jnp.inf, jnp.abs(x))
     return jnp.abs(x)
 
 
@@ -250,7 +258,9 @@ def global_norm(
         sharded ``jit`` already computes the global norm.
 
     Returns:
-      A scalar array, float32 (float64 if any leaf is float64).
+      A scalar array, float32 (float64 if any leaf is float64). A NaN element makes the norm
+      NaN (``ord`` 1 or 2) or infinite (``math.inf``: the largest magnitude counts a NaN as
+      infinite, since XLA's CPU max skips NaNs); an infinite element makes it infinite.
 
     Example:
       >>> import jax.numpy as jnp
@@ -261,4 +271,11 @@ def global_norm(
     """
     ord = check_ord(ord)
     check_axis_name(axis_name)
-    return norm_from(reduce_tree(tree, norm_kinds(ord), axis_name), ord)
+    if not isinstance(ord, jax.core.Tracer) and ord == math.inf:
+        return reduce_tree(tree, (LINF,), axis_name)[LINF]
+    measures = reduce_tree(tree, norm_kinds(ord), axis_name)
+    if isinstance(ord, jax.core.Tracer):
+        # The sum of magnitudes is NaN exactly when an element is, which the max may skip.
+        measures = {**measures,
+                    MAXABS: jnp.where(jnp.isnan(measures[ABSSUM]), jnp.inf, measures[MAXABS])}
+    return norm_from(measures, ord)

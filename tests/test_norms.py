@@ -1,5 +1,6 @@
 """global_norm: agreement with a float64 reference, low-precision safety, odd trees."""
 
+import functools
 import math
 
 import hypothesis.extra.numpy as hnp
@@ -103,6 +104,19 @@ def test_empty_none_and_masked_leaves(ord):
 def test_nonfinite_leaves_give_nonfinite_norm():
     assert np.isnan(float(gc.global_norm({"a": jnp.array([1.0, jnp.nan])})))
     assert np.isinf(float(gc.global_norm({"a": jnp.array([1.0, jnp.inf])})))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16, jnp.complex64])
+@pytest.mark.parametrize("n", [5, 3000, 83_333])
+def test_a_nan_in_a_long_leaf_makes_every_norm_nonfinite(n, dtype):
+    # XLA's CPU max skips NaNs in long arrays: the infinity norm must not come out finite.
+    tree = {"a": jnp.ones((n,), dtype).at[n // 2].set(jnp.nan), "b": jnp.ones((7,), dtype)}
+    for ord in ORDS:
+        assert not np.isfinite(float(jax.jit(functools.partial(gc.global_norm, ord=ord))(tree)))
+        # ord arriving traced (as under optax.inject_hyperparams) selects at run time.
+        traced = jax.jit(lambda t, o: gc.global_norm(t, ord=o))(tree, jnp.float32(ord))
+        assert not np.isfinite(float(traced)), ord
+    assert float(gc.global_norm({"a": jnp.ones((n,), dtype)}, ord=math.inf)) == 1.0
 
 
 @pytest.mark.parametrize("bad", [0, 3, -1, 0.5])
