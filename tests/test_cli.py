@@ -27,6 +27,7 @@ from gradclip_jax._cli import bench, main, shapes
     ["outcomes", "--percentile", "ninety"],
     ["outcomes", "--window", "0"],
     ["outcomes", "--early-cap", "-30"],
+    ["outcomes", "--seeds", "0"],
 ])
 def test_bad_arguments_exit_with_usage_error(argv, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -134,6 +134,19 @@ def test_every_policy_of_a_task_trains_on_the_same_initialisation_and_batches():
     assert logs["c=0.1"]["threshold"][0, 0] == pytest.approx(0.1)
 
 
+@pytest.mark.parametrize("name", ["transformer", "lstm", "rnn"])
+def test_seeds_sets_the_runs_per_learning_rate_in_every_task(name):
+    # `outcomes --seeds N`: seeds 0..N-1 for every setting of every scenario.
+    def seeds_per_setting(task):
+        groups = {}
+        for a in task.arms:
+            groups.setdefault((a.lr, a.scale, a.momentum, a.spikes), []).append(a.seed)
+        return {tuple(v) for v in groups.values()}
+
+    assert seeds_per_setting(tasks.TASKS[name](quick=True, seeds=4)) == {(0, 1, 2, 3)}
+    assert seeds_per_setting(tasks.TASKS[name](quick=True)) == {(0, 1)}
+
+
 def test_text_data_is_real_english_available_offline():
     data = tasks.text_bytes()
     assert data.size > 400_000
@@ -143,17 +156,20 @@ def test_text_data_is_real_english_available_offline():
 def test_outcomes_command_writes_table_json_and_plots(tmp_path, monkeypatch):
     real = tasks.rnn
 
-    def tiny_rnn(*, quick):
-        task = real(quick=True)
+    def tiny_rnn(*, quick, seeds=None):
+        task = real(quick=True, seeds=seeds)
         return tasks.Task(**{**task.__dict__, "steps": 60, "eval_every": 30, "warmup": 10})
 
     monkeypatch.setitem(tasks.TASKS, "rnn", tiny_rnn)
     out = tmp_path / "out"
-    assert main.main(["outcomes", "--quick", "--task", "rnn", "--out", str(out)]) == 0
+    argv = ["outcomes", "--quick", "--task", "rnn", "--seeds", "3", "--out", str(out)]
+    assert main.main(argv) == 0
     text = (out / "outcomes.md").read_text()
     assert "rnn_sgd" in text and "percentile_clip()" in text and "AutoClip p10" in text
+    assert "(2 learning rates x 3 seeds)" in text
     results = json.loads((out / "outcomes.json").read_text())
     assert {s["key"] for s in results["scenarios"]} == {"rnn_sgd", "rnn_momentum"}
+    assert [s["runs"] for s in results["scenarios"]] == [6, 6]
     assert (out / "outcomes_rnn_sgd.png").stat().st_size > 10_000
     assert jax.tree.leaves(results)  # plain JSON values throughout
 

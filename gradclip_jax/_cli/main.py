@@ -86,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     outcomes.add_argument("--early-cap", action="append", type=_positive_int, default=[],
                           metavar="N", help="also train percentile_clip() capped at c = 1 for "
                           "its first N steps (repeatable)")
+    outcomes.add_argument("--seeds", type=_positive_int, metavar="N",
+                          help="seeds per learning rate in every task (default: 3 for the "
+                          "transformer and the LSTM, 24 for the RNN; 2 with --quick). Runs "
+                          "of one program are chaotic: more seeds narrow the intervals, and "
+                          "the time grows in proportion")
 
     bench = sub.add_parser(
         "bench",
@@ -114,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run.main(quick=args.quick, out=args.out, only=args.task,
                             percentiles=tuple(args.percentile),
                             windows=tuple(args.window),
-                            early_caps=tuple(args.early_cap))
+                            early_caps=tuple(args.early_cap), seeds=args.seeds)
         from tqdm.auto import tqdm
 
         from gradclip_jax._cli import bench

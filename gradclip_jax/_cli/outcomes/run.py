@@ -15,12 +15,12 @@ from gradclip_jax._cli.outcomes import harness, report, tasks
 
 def main(*, quick: bool, out: str, only: list[str] | None = None,
          percentiles: tuple[float, ...] = (), windows: tuple[int, ...] = (),
-         early_caps: tuple[int, ...] = ()) -> int:
+         early_caps: tuple[int, ...] = (), seeds: int | None = None) -> int:
     from tqdm.auto import tqdm
 
     os.makedirs(out, exist_ok=True)
     names = only or list(tasks.TASKS)
-    built = {n: tasks.TASKS[n](quick=quick) for n in names}
+    built = {n: tasks.TASKS[n](quick=quick, seeds=seeds) for n in names}
     fams = harness.families(percentiles, windows, early_caps)
     start = time.time()
     logs: dict[str, Any] = {}

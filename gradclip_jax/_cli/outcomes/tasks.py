@@ -150,14 +150,19 @@ def _transformer_module(d: int, heads: int, layers: int, seq: int):
     return GPT
 
 
-def transformer(*, quick: bool) -> Task:
+def _seeds(asked: int | None, default: int) -> tuple[int, ...]:
+    """Seeds 0..n-1 per learning rate: ``asked`` (``outcomes --seeds``) or the task's default."""
+    return tuple(range(default if asked is None else asked))
+
+
+def transformer(*, quick: bool, seeds: int | None = None) -> Task:
     from flax import nnx
 
     d, heads, layers, seq, batch = (32, 2, 2, 32, 8) if quick else (48, 4, 2, 64, 8)
     steps = 60 if quick else 240
     warmup = steps // 10
     lrs = (3e-3, 3e-2) if quick else (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
-    seeds = (0, 1) if quick else (0, 1, 2)
+    seeds = _seeds(seeds, 2 if quick else 3)
     scales = (1.0, 100.0, 0.01)
     gpt = _transformer_module(d, heads, layers, seq)
     graphdef, _ = nnx.split(gpt(nnx.Rngs(0)))
@@ -194,13 +199,13 @@ def transformer(*, quick: bool) -> Task:
 # ----------------------------------------------------------------------------- LSTM
 
 
-def lstm(*, quick: bool) -> Task:
+def lstm(*, quick: bool, seeds: int | None = None) -> Task:
     embed, hidden, seq, batch = (16, 64, 32, 8) if quick else (32, 96, 48, 8)
     steps = 60 if quick else 240
     warmup = steps // 10
     lrs = (3e-3, 3e-2) if quick else (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
     stable_lr = lrs[0] if quick else 3e-3
-    seeds = (0, 1) if quick else (0, 1, 2)
+    seeds = _seeds(seeds, 2 if quick else 3)
     sample, val_batch = _lm_data(seq, batch, 2 if quick else 4)
 
     def init(key):
@@ -256,13 +261,13 @@ def lstm(*, quick: bool) -> Task:
 # ----------------------------------------------------------------------------- vanilla RNN
 
 
-def rnn(*, quick: bool) -> Task:
+def rnn(*, quick: bool, seeds: int | None = None) -> Task:
     cfg = rnn_example.Config(seq_len=20, hidden=32, batch=32)
     steps = 300 if quick else 1500
     warmup = 100 if not quick else 30
     sgd_lrs = (0.1, 0.2) if quick else (0.05, 0.1, 0.2, 0.3)
     mom_lrs = (0.01, 0.02) if quick else (0.005, 0.01, 0.02, 0.03)
-    seeds = (0, 1) if quick else tuple(range(24))
+    seeds = _seeds(seeds, 2 if quick else 24)
     val_batch = rnn_example.sample_batch(jax.random.key(12345), dataclasses.replace(
         cfg, batch=512))
 
