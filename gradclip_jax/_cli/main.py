@@ -87,8 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                           metavar="N", help="also train percentile_clip() capped at c = 1 for "
                           "its first N steps (repeatable)")
     outcomes.add_argument("--seeds", type=_positive_int, metavar="N",
-                          help="seeds per learning rate in every task (default: 3 for the "
-                          "transformer and the LSTM, 24 for the RNN; 2 with --quick). Runs "
+                          help="seeds per learning rate in every task (default: 6 for the "
+                          "transformer, 3 for the LSTM, 24 for the RNN; 2 with --quick). Runs "
                           "of one program are chaotic: more seeds narrow the intervals, and "
                           "the time grows in proportion")
 

@@ -162,7 +162,9 @@ def transformer(*, quick: bool, seeds: int | None = None) -> Task:
     steps = 60 if quick else 240
     warmup = steps // 10
     lrs = (3e-3, 3e-2) if quick else (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
-    seeds = _seeds(seeds, 2 if quick else 3)
+    # Six seeds: with three, policies within 0.005 of each other swapped places between
+    # reruns (c = 0.1 was 0.005 below c = 1 over 15 runs, 0.0025 above it over 30).
+    seeds = _seeds(seeds, 2 if quick else 6)
     scales = (1.0, 100.0, 0.01)
     gpt = _transformer_module(d, heads, layers, seq)
     graphdef, _ = nnx.split(gpt(nnx.Rngs(0)))
