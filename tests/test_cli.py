@@ -28,6 +28,8 @@ from gradclip_jax._cli import bench, main, shapes
     ["outcomes", "--window", "0"],
     ["outcomes", "--early-cap", "-30"],
     ["outcomes", "--seeds", "0"],
+    ["outcomes", "--first-seed", "-1"],
+    ["outcomes", "--first-seed", "one"],
 ])
 def test_bad_arguments_exit_with_usage_error(argv, capsys):
     with pytest.raises(SystemExit) as exc:

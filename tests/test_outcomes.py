@@ -145,6 +145,9 @@ def test_seeds_sets_the_runs_per_learning_rate_in_every_task(name):
 
     assert seeds_per_setting(tasks.TASKS[name](quick=True, seeds=4)) == {(0, 1, 2, 3)}
     assert seeds_per_setting(tasks.TASKS[name](quick=True)) == {(0, 1)}
+    # `--first-seed S`: a second set, disjoint from the first.
+    assert seeds_per_setting(tasks.TASKS[name](quick=True, seeds=3, first_seed=100)) == {
+        (100, 101, 102)}
 
 
 def test_text_data_is_real_english_available_offline():
@@ -156,20 +159,23 @@ def test_text_data_is_real_english_available_offline():
 def test_outcomes_command_writes_table_json_and_plots(tmp_path, monkeypatch):
     real = tasks.rnn
 
-    def tiny_rnn(*, quick, seeds=None):
-        task = real(quick=True, seeds=seeds)
+    def tiny_rnn(*, quick, seeds=None, first_seed=0):
+        task = real(quick=True, seeds=seeds, first_seed=first_seed)
         return tasks.Task(**{**task.__dict__, "steps": 60, "eval_every": 30, "warmup": 10})
 
     monkeypatch.setitem(tasks.TASKS, "rnn", tiny_rnn)
     out = tmp_path / "out"
-    argv = ["outcomes", "--quick", "--task", "rnn", "--seeds", "3", "--out", str(out)]
+    argv = ["outcomes", "--quick", "--task", "rnn", "--seeds", "3", "--first-seed", "7",
+            "--out", str(out)]
     assert main.main(argv) == 0
     text = (out / "outcomes.md").read_text()
     assert "rnn_sgd" in text and "percentile_clip()" in text and "AutoClip p10" in text
+    assert "percentile_clip(90, window=None)" in text
     assert "(2 learning rates x 3 seeds)" in text
     results = json.loads((out / "outcomes.json").read_text())
     assert {s["key"] for s in results["scenarios"]} == {"rnn_sgd", "rnn_momentum"}
     assert [s["runs"] for s in results["scenarios"]] == [6, 6]
+    assert [sorted(set(s["arm_seed"])) for s in results["scenarios"]] == [[7, 8, 9]] * 2
     assert (out / "outcomes_rnn_sgd.png").stat().st_size > 10_000
     assert jax.tree.leaves(results)  # plain JSON values throughout
 

@@ -7,14 +7,22 @@ import sys
 from collections.abc import Sequence
 
 
-def _positive_int(text: str) -> int:
+def _int_at_least(text: str, low: int, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _int_at_least(text, 1, "a positive integer")
+
+
+def _non_negative_int(text: str) -> int:
+    return _int_at_least(text, 0, "an integer >= 0")
 
 
 def _percentile(text: str) -> float:
@@ -91,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "transformer, 3 for the LSTM, 24 for the RNN; 2 with --quick). Runs "
                           "of one program are chaotic: more seeds narrow the intervals, and "
                           "the time grows in proportion")
+    outcomes.add_argument("--first-seed", type=_non_negative_int, default=0, metavar="S",
+                          help="seeds S..S+N-1 instead of 0..N-1: a second, independent set "
+                          "of runs to check a result on (default 0)")
 
     bench = sub.add_parser(
         "bench",
@@ -119,7 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run.main(quick=args.quick, out=args.out, only=args.task,
                             percentiles=tuple(args.percentile),
                             windows=tuple(args.window),
-                            early_caps=tuple(args.early_cap), seeds=args.seeds)
+                            early_caps=tuple(args.early_cap), seeds=args.seeds,
+                            first_seed=args.first_seed)
         from tqdm.auto import tqdm
 
         from gradclip_jax._cli import bench

@@ -26,6 +26,7 @@ NO_CLIP = float(np.finfo(np.float32).max)
 DEFAULT = "percentile_clip()"
 REFERENCE = "c=1"
 GUARDED = "percentile_clip() + skip_spikes"
+CLASSIC = "percentile_clip(90, window=None)"
 CONTROL = "c=1, perturbed (control)"
 CONTROL_C = 1.0 + 2.0**-20
 """The noise control: c = 1 one part in a million larger, trained in a program of its own.
@@ -76,6 +77,10 @@ def families(percentiles: tuple[float, ...] = (), windows: tuple[int, ...] = (),
                {"AutoClip p10": 10.0, "AutoClip p90": 90.0}),
         Family("zclip", lambda p, task: baselines.zclip(), {"ZClip": 0.0}),
         Family("default", lambda p, task: gc.percentile_clip(), {DEFAULT: 0.0}),
+        # The classic safety net, with the library's caps, where the README recommends it
+        # (SGD with momentum) and where it is most at risk (plain SGD): the RNN.
+        Family("classic", lambda p, task: gc.percentile_clip(p, window=None), {CLASSIC: 90.0},
+               tasks=("rnn",)),
         # Clip alone against clip + skip, where the spikes are (the LSTM's spikes arm).
         Family("guarded", lambda p, task: gc.percentile_clip(), {GUARDED: 0.0},
                guarded=True, tasks=("lstm",)),

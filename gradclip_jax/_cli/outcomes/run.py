@@ -15,12 +15,14 @@ from gradclip_jax._cli.outcomes import harness, report, tasks
 
 def main(*, quick: bool, out: str, only: list[str] | None = None,
          percentiles: tuple[float, ...] = (), windows: tuple[int, ...] = (),
-         early_caps: tuple[int, ...] = (), seeds: int | None = None) -> int:
+         early_caps: tuple[int, ...] = (), seeds: int | None = None,
+         first_seed: int = 0) -> int:
     from tqdm.auto import tqdm
 
     os.makedirs(out, exist_ok=True)
     names = only or list(tasks.TASKS)
-    built = {n: tasks.TASKS[n](quick=quick, seeds=seeds) for n in names}
+    built = {n: tasks.TASKS[n](quick=quick, seeds=seeds, first_seed=first_seed)
+             for n in names}
     fams = harness.families(percentiles, windows, early_caps)
     start = time.time()
     logs: dict[str, Any] = {}
@@ -51,7 +53,8 @@ def summarize(built: dict[str, tasks.Task], logs: dict[str, Any], *, quick: bool
             scenarios.append({
                 "key": sc.key, "title": sc.title, "task": name, "steps": task.steps,
                 "runs": len(index), "arm_index": index,
-                "arm_lr": [task.arms[i].lr for i in index], **m,
+                "arm_lr": [task.arms[i].lr for i in index],
+                "arm_seed": [task.arms[i].seed for i in index], **m,
             })
     return {"mode": "quick" if quick else "full", "jax": jax.__version__,
             "optax": optax.__version__, "backend": jax.default_backend(),

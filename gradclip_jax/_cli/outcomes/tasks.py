@@ -150,12 +150,15 @@ def _transformer_module(d: int, heads: int, layers: int, seq: int):
     return GPT
 
 
-def _seeds(asked: int | None, default: int) -> tuple[int, ...]:
-    """Seeds 0..n-1 per learning rate: ``asked`` (``outcomes --seeds``) or the task's default."""
-    return tuple(range(default if asked is None else asked))
+def _seeds(asked: int | None, default: int, first: int = 0) -> tuple[int, ...]:
+    """``n`` seeds per learning rate from ``first`` on: ``n`` is ``asked`` (``outcomes
+    --seeds``) or the task's default, ``first`` is ``outcomes --first-seed`` (0 by default),
+    so a second set of seeds can check a result without rerunning the first."""
+    n = default if asked is None else asked
+    return tuple(range(first, first + n))
 
 
-def transformer(*, quick: bool, seeds: int | None = None) -> Task:
+def transformer(*, quick: bool, seeds: int | None = None, first_seed: int = 0) -> Task:
     from flax import nnx
 
     d, heads, layers, seq, batch = (32, 2, 2, 32, 8) if quick else (48, 4, 2, 64, 8)
@@ -164,7 +167,7 @@ def transformer(*, quick: bool, seeds: int | None = None) -> Task:
     lrs = (3e-3, 3e-2) if quick else (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
     # Six seeds: with three, policies within 0.005 of each other swapped places between
     # reruns (c = 0.1 was 0.005 below c = 1 over 15 runs, 0.0025 above it over 30).
-    seeds = _seeds(seeds, 2 if quick else 6)
+    seeds = _seeds(seeds, 2 if quick else 6, first_seed)
     scales = (1.0, 100.0, 0.01)
     gpt = _transformer_module(d, heads, layers, seq)
     graphdef, _ = nnx.split(gpt(nnx.Rngs(0)))
@@ -201,13 +204,13 @@ def transformer(*, quick: bool, seeds: int | None = None) -> Task:
 # ----------------------------------------------------------------------------- LSTM
 
 
-def lstm(*, quick: bool, seeds: int | None = None) -> Task:
+def lstm(*, quick: bool, seeds: int | None = None, first_seed: int = 0) -> Task:
     embed, hidden, seq, batch = (16, 64, 32, 8) if quick else (32, 96, 48, 8)
     steps = 60 if quick else 240
     warmup = steps // 10
     lrs = (3e-3, 3e-2) if quick else (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
     stable_lr = lrs[0] if quick else 3e-3
-    seeds = _seeds(seeds, 2 if quick else 3)
+    seeds = _seeds(seeds, 2 if quick else 3, first_seed)
     sample, val_batch = _lm_data(seq, batch, 2 if quick else 4)
 
     def init(key):
@@ -263,13 +266,13 @@ def lstm(*, quick: bool, seeds: int | None = None) -> Task:
 # ----------------------------------------------------------------------------- vanilla RNN
 
 
-def rnn(*, quick: bool, seeds: int | None = None) -> Task:
+def rnn(*, quick: bool, seeds: int | None = None, first_seed: int = 0) -> Task:
     cfg = rnn_example.Config(seq_len=20, hidden=32, batch=32)
     steps = 300 if quick else 1500
     warmup = 100 if not quick else 30
     sgd_lrs = (0.1, 0.2) if quick else (0.05, 0.1, 0.2, 0.3)
     mom_lrs = (0.01, 0.02) if quick else (0.005, 0.01, 0.02, 0.03)
-    seeds = _seeds(seeds, 2 if quick else 24)
+    seeds = _seeds(seeds, 2 if quick else 24, first_seed)
     val_batch = rnn_example.sample_batch(jax.random.key(12345), dataclasses.replace(
         cfg, batch=512))
 
