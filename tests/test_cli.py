@@ -30,6 +30,9 @@ from gradclip_jax._cli import bench, main, shapes
     ["outcomes", "--seeds", "0"],
     ["outcomes", "--first-seed", "-1"],
     ["outcomes", "--first-seed", "one"],
+    ["outcomes", "--lr", "0"],
+    ["outcomes", "--lr", "fast"],
+    ["outcomes", "--lr", "inf"],
 ])
 def test_bad_arguments_exit_with_usage_error(argv, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -94,6 +97,8 @@ def test_bench_tree_reports_every_transform():
     assert optax_passes > 3
     for row in result["rows"]:
         assert row["time_ms"] > 0 and row["vs_adam"] > 0
+        lo, hi = row["vs_optax_clip_ci"]
+        assert lo <= row["vs_optax_clip"] <= hi
         if row["transform"].startswith("gradclip_jax"):
             assert row["extra_gradient_passes"] < optax_passes
     results = {"backend": "cpu", "device": "cpu", "jax": jax.__version__,
@@ -108,6 +113,9 @@ def test_bench_tree_reports_every_transform():
     table = bench.format_table(results)
     assert "gradclip_jax.percentile_clip" in table and "| odd |" in table
     assert "slowest ratio to optax's clip" in table
+    worst = results["slowest"]
+    assert worst["rows"] == 3 and 0 <= worst["surely_above_goal"] <= worst["above_goal"] <= 3
+    assert f"goal {bench.GOAL}x: {worst['above_goal']} of 3 ratios above it" in table
     assert "(noise control)" in table and "the same step timed twice" in table
 
 
@@ -171,13 +179,15 @@ def test_the_library_does_not_import_the_command_line():
 
 
 def test_interleaved_timing_runs_at_least_the_repeats_and_fills_the_budget():
-    from gradclip_jax._cli.bench import interleaved_min_times
+    from gradclip_jax._cli.bench import interleaved_min_times, interleaved_times
 
     calls = {"a": 0, "b": 0}
+    order = []
 
     def fn(name):
         def run():
             calls[name] += 1
+            order.append(name)
         return run
 
     times = interleaved_min_times({"a": fn("a"), "b": fn("b")}, repeats=3)
@@ -186,3 +196,28 @@ def test_interleaved_timing_runs_at_least_the_repeats_and_fills_the_budget():
     calls.update(a=0, b=0)
     interleaved_min_times({"a": fn("a"), "b": fn("b")}, repeats=3, budget_s=0.05)
     assert calls["a"] == calls["b"] > 100  # rounds continue until the budget is spent
+    # Each round runs every function once, in an order shuffled afresh.
+    order.clear()
+    samples = interleaved_times({"a": fn("a"), "b": fn("b")}, repeats=40)
+    assert {len(v) for v in samples.values()} == {40}
+    rounds = [tuple(order[i:i + 2]) for i in range(2, len(order), 2)]
+    assert all(sorted(r) == ["a", "b"] for r in rounds)
+    assert {("a", "b"), ("b", "a")} <= set(rounds)
+
+
+def test_paired_ratio_cancels_a_slow_spell_and_brackets_the_median():
+    from gradclip_jax._cli.bench import paired_ratio
+
+    # A slow spell (rounds 3-5 five times slower) hits both runs of those rounds: the paired
+    # median is the true 1.1, where the fastest run of each would also give 1.1 only by luck.
+    reference = np.array([1.0, 1.0, 1.0, 5.0, 5.0, 5.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    out = paired_ratio(1.1 * reference, reference)
+    assert out["ratio"] == pytest.approx(1.1) and out["ci"] == pytest.approx([1.1, 1.1])
+    # The interval holds the median and comes from order statistics of the ratios.
+    ratios = np.linspace(0.9, 1.3, 101)
+    out = paired_ratio(ratios, np.ones(101))
+    assert out["ratio"] == pytest.approx(1.1)
+    assert out["ci"][0] < out["ratio"] < out["ci"][1]
+    assert out["ci"] == pytest.approx([ratios[40], ratios[61]], abs=1e-3)
+    # A shuffled copy of the same ratios gives the same answer.
+    assert paired_ratio(ratios[::-1], np.ones(101)) == out

@@ -156,14 +156,45 @@ def test_text_data_is_real_english_available_offline():
     assert b" the " in data[:20_000].tobytes()
 
 
-def test_outcomes_command_writes_table_json_and_plots(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name", ["transformer", "lstm", "rnn"])
+def test_at_rates_keeps_the_runs_and_scenarios_at_those_rates(name):
+    # `outcomes --lr`: many seeds at the one rate where runs are lost, without the others.
+    task = tasks.TASKS[name](quick=True, seeds=3)
+    rates = sorted({a.lr for a in task.arms})
+    one = tasks.at_rates(task, [rates[-1]])
+    assert one.arms == tuple(a for a in task.arms if a.lr == rates[-1])
+    assert all(any(sc.arms(a) for a in one.arms) for sc in one.scenarios)
+    assert tasks.at_rates(task, rates) == task
+    assert tasks.at_rates(task, [rates[-1] * 7.1]) is None
+    if name == "rnn":  # plain SGD and momentum train at different rates
+        assert [sc.key for sc in one.scenarios] == ["rnn_sgd"]
+
+
+@pytest.fixture
+def tiny_rnn(monkeypatch):
     real = tasks.rnn
 
-    def tiny_rnn(*, quick, seeds=None, first_seed=0):
+    def tiny(*, quick, seeds=None, first_seed=0):
         task = real(quick=True, seeds=seeds, first_seed=first_seed)
         return tasks.Task(**{**task.__dict__, "steps": 60, "eval_every": 30, "warmup": 10})
 
-    monkeypatch.setitem(tasks.TASKS, "rnn", tiny_rnn)
+    monkeypatch.setitem(tasks.TASKS, "rnn", tiny)
+
+
+def test_outcomes_lr_trains_only_that_rate(tmp_path, tiny_rnn, capsys):
+    out = tmp_path / "out"
+    argv = ["outcomes", "--quick", "--task", "rnn", "--lr", "0.2", "--seeds", "2",
+            "--out", str(out)]
+    assert main.main(argv) == 0
+    results = json.loads((out / "outcomes.json").read_text())
+    assert [s["key"] for s in results["scenarios"]] == ["rnn_sgd"]
+    assert results["scenarios"][0]["arm_lr"] == [0.2, 0.2]
+    with pytest.raises(SystemExit, match=r"--lr 0.7: no run of rnn trains at that peak "
+                       r"learning rate; the rates are 0.01, 0.02, 0.1, 0.2"):
+        main.main([*argv[:5], "0.7", *argv[6:]])
+
+
+def test_outcomes_command_writes_table_json_and_plots(tmp_path, tiny_rnn):
     out = tmp_path / "out"
     argv = ["outcomes", "--quick", "--task", "rnn", "--seeds", "3", "--first-seed", "7",
             "--out", str(out)]

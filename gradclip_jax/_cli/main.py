@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 
@@ -23,6 +24,16 @@ def _positive_int(text: str) -> int:
 
 def _non_negative_int(text: str) -> int:
     return _int_at_least(text, 0, "an integer >= 0")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (value > 0.0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {value:g}")
+    return value
 
 
 def _percentile(text: str) -> float:
@@ -102,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     outcomes.add_argument("--first-seed", type=_non_negative_int, default=0, metavar="S",
                           help="seeds S..S+N-1 instead of 0..N-1: a second, independent set "
                           "of runs to check a result on (default 0)")
+    outcomes.add_argument("--lr", action="append", type=_positive_float, default=[],
+                          metavar="LR", help="train only the runs at this peak learning rate "
+                          "(repeatable; with --seeds, many seeds at the rate where runs are "
+                          "lost, for example --task rnn --lr 0.3 --seeds 240)")
 
     bench = sub.add_parser(
         "bench",
@@ -131,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             percentiles=tuple(args.percentile),
                             windows=tuple(args.window),
                             early_caps=tuple(args.early_cap), seeds=args.seeds,
-                            first_seed=args.first_seed)
+                            first_seed=args.first_seed, rates=tuple(args.lr))
         from tqdm.auto import tqdm
 
         from gradclip_jax._cli import bench

@@ -16,13 +16,22 @@ from gradclip_jax._cli.outcomes import harness, report, tasks
 def main(*, quick: bool, out: str, only: list[str] | None = None,
          percentiles: tuple[float, ...] = (), windows: tuple[int, ...] = (),
          early_caps: tuple[int, ...] = (), seeds: int | None = None,
-         first_seed: int = 0) -> int:
+         first_seed: int = 0, rates: tuple[float, ...] = ()) -> int:
     from tqdm.auto import tqdm
 
-    os.makedirs(out, exist_ok=True)
     names = only or list(tasks.TASKS)
     built = {n: tasks.TASKS[n](quick=quick, seeds=seeds, first_seed=first_seed)
              for n in names}
+    if rates:
+        every = sorted({a.lr for t in built.values() for a in t.arms})
+        kept = {n: tasks.at_rates(t, rates) for n, t in built.items()}
+        built = {n: t for n, t in kept.items() if t is not None}
+        if not built:
+            raise SystemExit(
+                f"gradclip-jax outcomes: error: --lr {', '.join(f'{r:g}' for r in rates)}: no "
+                f"run of {', '.join(names)} trains at that peak learning rate; the rates are "
+                f"{', '.join(f'{r:g}' for r in every)}")
+    os.makedirs(out, exist_ok=True)
     fams = harness.families(percentiles, windows, early_caps)
     start = time.time()
     logs: dict[str, Any] = {}

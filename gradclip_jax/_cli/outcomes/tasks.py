@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -156,6 +156,17 @@ def _seeds(asked: int | None, default: int, first: int = 0) -> tuple[int, ...]:
     so a second set of seeds can check a result without rerunning the first."""
     n = default if asked is None else asked
     return tuple(range(first, first + n))
+
+
+def at_rates(task: Task, rates: Sequence[float]) -> Task | None:
+    """``task`` with only its arms at these peak learning rates (``outcomes --lr``), and only
+    the scenarios that keep an arm; None when no arm is left."""
+    arms = tuple(a for a in task.arms if any(math.isclose(a.lr, r, rel_tol=1e-9)
+                                             for r in rates))
+    scenarios = tuple(sc for sc in task.scenarios if any(sc.arms(a) for a in arms))
+    if not arms:
+        return None
+    return dataclasses.replace(task, arms=arms, scenarios=scenarios)
 
 
 def transformer(*, quick: bool, seeds: int | None = None, first_seed: int = 0) -> Task:
