@@ -164,7 +164,7 @@ def test_at_rates_keeps_the_runs_and_scenarios_at_those_rates(name):
     one = tasks.at_rates(task, [rates[-1]])
     assert one.arms == tuple(a for a in task.arms if a.lr == rates[-1])
     assert all(any(sc.arms(a) for a in one.arms) for sc in one.scenarios)
-    assert tasks.at_rates(task, rates) == task
+    assert tasks.at_rates(task, rates).arms == task.arms
     assert tasks.at_rates(task, [rates[-1] * 7.1]) is None
     if name == "rnn":  # plain SGD and momentum train at different rates
         assert [sc.key for sc in one.scenarios] == ["rnn_sgd"]
@@ -189,6 +189,9 @@ def test_outcomes_lr_trains_only_that_rate(tmp_path, tiny_rnn, capsys):
     results = json.loads((out / "outcomes.json").read_text())
     assert [s["key"] for s in results["scenarios"]] == ["rnn_sgd"]
     assert results["scenarios"][0]["arm_lr"] == [0.2, 0.2]
+    text = (out / "outcomes.md").read_text()
+    assert "only the runs at 0.2 (--lr); 2 runs per policy (peak learning rate 0.2 x 2 seeds)" \
+        in text
     with pytest.raises(SystemExit, match=r"--lr 0.7: no run of rnn trains at that peak "
                        r"learning rate; the rates are 0.01, 0.02, 0.1, 0.2"):
         main.main([*argv[:5], "0.7", *argv[6:]])

@@ -51,7 +51,7 @@ def markdown(results: dict[str, Any]) -> str:
              "better), and runs lost:", "", summary(results)]
     for sc in results["scenarios"]:
         lines += ["", f"**{sc['key']}**: {sc['title']}; {sc['runs']} runs per policy "
-                  f"({len(sc['lrs'])} learning rates x {sc['runs'] // len(sc['lrs'])} seeds), "
+                  f"({_rates(sc['lrs'])} x {sc['runs'] // len(sc['lrs'])} seeds), "
                   f"{sc['steps']} steps; best fixed c in hindsight: {sc['best_fixed']}", ""]
         lines.append("| policy | " + " | ".join(COLUMNS) + " |")
         lines.append("|---" * (len(COLUMNS) + 1) + "|")
@@ -193,3 +193,9 @@ def _lr_color(lrs: list[float], lr: float):
 
     pos = lrs.index(lr) / max(len(lrs) - 1, 1)
     return matplotlib.colormaps["viridis"](pos)
+
+
+def _rates(lrs: list[float]) -> str:
+    if len(lrs) == 1:
+        return f"peak learning rate {lrs[0]:g}"
+    return f"{len(lrs)} learning rates"

@@ -163,9 +163,11 @@ def at_rates(task: Task, rates: Sequence[float]) -> Task | None:
     the scenarios that keep an arm; None when no arm is left."""
     arms = tuple(a for a in task.arms if any(math.isclose(a.lr, r, rel_tol=1e-9)
                                              for r in rates))
-    scenarios = tuple(sc for sc in task.scenarios if any(sc.arms(a) for a in arms))
     if not arms:
         return None
+    kept = ", ".join(f"{r:g}" for r in sorted({a.lr for a in arms}))
+    scenarios = tuple(dataclasses.replace(sc, title=f"{sc.title}; only the runs at {kept} (--lr)")
+                      for sc in task.scenarios if any(sc.arms(a) for a in arms))
     return dataclasses.replace(task, arms=arms, scenarios=scenarios)
 
 
