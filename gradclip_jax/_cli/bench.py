@@ -95,7 +95,7 @@ def paired_ratio(times: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
     Each ratio pairs two runs made moments apart, so a slow spell of a shared machine moves
     both and cancels; the median ignores the rounds an interruption hit. The interval is the
     distribution-free one for a median: order statistics ``n/2 -+ 0.98 sqrt(n)`` of the
-    sorted ratios (the binomial's normal approximation; at least 6 rounds, else the range).
+    sorted ratios (the binomial's normal approximation; with 7 rounds or fewer, the range).
     """
     ratios = np.sort(np.asarray(times) / np.asarray(reference))
     n = len(ratios)
