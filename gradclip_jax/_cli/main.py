@@ -5,45 +5,37 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 
-def _int_at_least(text: str, low: int, what: str) -> int:
+def _checked(text: str, convert: Callable[[str], Any], ok: Callable[[Any], bool],
+             what: str) -> Any:
+    """``convert(text)``, or an argparse error naming ``what`` was expected and what came."""
     try:
-        value = int(text)
+        value = convert(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-    if value < low:
-        raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+    if not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {value:g}")
     return value
 
 
 def _positive_int(text: str) -> int:
-    return _int_at_least(text, 1, "a positive integer")
+    return _checked(text, int, lambda v: v >= 1, "a positive integer")
 
 
 def _non_negative_int(text: str) -> int:
-    return _int_at_least(text, 0, "an integer >= 0")
+    return _checked(text, int, lambda v: v >= 0, "an integer >= 0")
 
 
 def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not (value > 0.0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {value:g}")
-    return value
+    return _checked(text, float, lambda v: v > 0.0 and math.isfinite(v),
+                    "a finite number > 0")
 
 
 def _percentile(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a percentile in (0, 100], got {text!r}") \
-            from None
-    if not 0.0 < value <= 100.0:
-        raise argparse.ArgumentTypeError(f"expected a percentile in (0, 100], got {value:g}")
+    value = _checked(text, float, lambda v: 0.0 < v <= 100.0, "a percentile in (0, 100]")
     # The variants are built with a traced percentile, which percentile_clip cannot check.
     from gradclip_jax._validation import warn_if_quantile
 
