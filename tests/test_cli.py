@@ -23,6 +23,9 @@ from gradclip_jax._cli import bench, main, shapes
     ["demo", "--steps", "-5"],
     ["demo", "--steps", "many"],
     ["bench", "--json"],
+    ["bench", "--seconds", "0"],
+    ["bench", "--seconds", "long"],
+    ["bench", "--only"],
     ["outcomes", "--percentile", "0"],
     ["outcomes", "--percentile", "ninety"],
     ["outcomes", "--window", "0"],
@@ -83,6 +86,32 @@ def test_keyboard_interrupt_is_reported_cleanly(monkeypatch, capsys):
     monkeypatch.setattr(bench, "run", interrupted)
     assert main.main(["bench", "--quick"]) == 130
     assert "interrupted" in capsys.readouterr().err
+
+
+def test_bench_only_and_seconds_reach_the_run(monkeypatch, capsys):
+    seen = {}
+
+    def fake_run(**kwargs):
+        seen.update(kwargs)
+        return {"backend": "cpu", "device": "cpu", "jax": "x", "optax": "y",
+                "budget_s": kwargs["budget_s"], "trees": [],
+                "bandwidth": {"bytes": 1e6, "global_norm_GBps": 1.0, "copy_GBps": 2.0,
+                              "fraction_of_copy": 0.5}}
+
+    monkeypatch.setattr(bench, "run", fake_run)
+    assert main.main(["bench", "--quick", "--only", "gpt-2", "--only", "MLP",
+                      "--seconds", "7.5"]) == 0
+    assert list(seen["sets"]) == ["GPT-2 tree at 1/4 width", "tiny MLP (10k)"]
+    assert seen["budget_s"] == 7.5
+    assert "at least 7.5 s of rounds per tree" in capsys.readouterr().out
+    assert bench.steps_per_run(True, seen["sets"]) == 2 * 2 + 1
+
+
+def test_bench_only_names_the_sets_when_nothing_matches():
+    sets = shapes.shape_sets(quick=True)
+    assert bench.select_sets(sets, []) == sets
+    with pytest.raises(SystemExit, match="--only 'VGG' matches no shape set.*tiny MLP"):
+        bench.select_sets(sets, ["VGG"])
 
 
 def test_bench_tree_reports_every_transform():

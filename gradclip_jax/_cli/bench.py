@@ -27,6 +27,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -208,14 +209,31 @@ def bench_bandwidth(n_params: int, repeats: int) -> dict[str, Any]:
             "copy_GBps": round(copy_gbs, 1), "fraction_of_copy": round(norm_gbs / copy_gbs, 3)}
 
 
+def select_sets(sets: dict[str, shapes.Builder],
+                words: Sequence[str]) -> dict[str, shapes.Builder]:
+    """The shape sets whose name contains any of ``words`` (case-insensitive); all of them
+    when ``words`` is empty. A word that matches no set is an error listing the names."""
+    for word in words:
+        if not any(word.lower() in name.lower() for name in sets):
+            raise SystemExit(f"gradclip-jax bench: --only {word!r} matches no shape set; "
+                             f"the sets are: {'; '.join(sets)}")
+    return {name: build for name, build in sets.items()
+            if not words or any(word.lower() in name.lower() for word in words)}
+
+
 def run(*, quick: bool, json_path: str | None, progress: Any = None,
-        sets: dict[str, shapes.Builder] | None = None) -> dict[str, Any]:
+        sets: dict[str, shapes.Builder] | None = None,
+        budget_s: float | None = None) -> dict[str, Any]:
+    """Benchmarks every shape set (``sets``, default all) in both dtypes; ``budget_s`` is the
+    least time of interleaved rounds per tree (default ``TIME_BUDGET_S``)."""
     sets = sets if sets is not None else shapes.shape_sets(quick=quick)
+    budget = TIME_BUDGET_S[quick] if budget_s is None else budget_s
     results: dict[str, Any] = {
         "backend": jax.default_backend(),
         "device": str(jax.devices()[0].device_kind),
         "jax": jax.__version__,
         "optax": optax.__version__,
+        "budget_s": budget,
         "trees": [],
     }
     for name, build in sets.items():
@@ -226,11 +244,11 @@ def run(*, quick: bool, json_path: str | None, progress: Any = None,
             # trees and for the one with a thousand leaves (XLA compiles ~15 s per program).
             passes = n <= 40_000_000 and len(jax.tree.leaves(params)) <= 500
             per_call = bench_tree(name, params, _repeats(n, quick), passes=passes,
-                                  budget_s=TIME_BUDGET_S[quick])
+                                  budget_s=budget)
             results["trees"].append(per_call)
             if per_call["adam_ms"] < LOOPED_BELOW_MS:
                 results["trees"].append(bench_tree(name, params, 11 if quick else 31,
-                                                   passes=False, budget_s=TIME_BUDGET_S[quick],
+                                                   passes=False, budget_s=budget,
                                                    loop_steps=LOOP_STEPS))
             del params
             if progress is not None:
@@ -298,9 +316,10 @@ def percentile_vs_norm(results: dict[str, Any]) -> dict[str, Any]:
             "ratio": worst["percentile_vs_norm_clip"]}
 
 
-def steps_per_run(quick: bool) -> int:
+def steps_per_run(quick: bool, sets: dict[str, shapes.Builder] | None = None) -> int:
     """How many progress steps ``run`` reports: one per tree and dtype, one for bandwidth."""
-    return len(shapes.shape_sets(quick=quick)) * len(DTYPES) + 1
+    sets = sets if sets is not None else shapes.shape_sets(quick=quick)
+    return len(sets) * len(DTYPES) + 1
 
 
 def write_json_atomically(path: str, data: Any) -> None:
@@ -319,7 +338,9 @@ def format_table(results: dict[str, Any]) -> str:
     lines = [f"backend: {results['backend']} ({results['device']}), jax {results['jax']}, "
              f"optax {results['optax']}. adam step ms: its fastest run. Ratios: the median, over "
              "rounds that run every step once in a shuffled order, of the step's time over the "
-             "other's in the same round, with a 95% interval",
+             "other's in the same round, with a 95% interval"
+             + (f"; at least {results['budget_s']:g} s of rounds per tree"
+                if "budget_s" in results else ""),
              "",
              "| tree | dtype | params (leaves) | adam step ms | transform, chained with adam "
              "| extra gradient passes | step vs adam | vs optax clip |",

@@ -121,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true",
                        help="smaller versions of each tree and fewer repetitions")
     bench.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    bench.add_argument("--seconds", type=_positive_float, metavar="S",
+                       help="time every tree for at least S seconds of rounds (default 3; "
+                       "0.5 with --quick): steps of 200 ms or more get few rounds in 3 s, "
+                       "and more rounds narrow their intervals")
+    bench.add_argument("--only", action="append", default=[], metavar="WORD",
+                       help="bench only the shape sets whose name contains WORD "
+                       "(repeatable, case-insensitive; for example --only GPT-2 --only 100M)")
     return parser
 
 
@@ -141,10 +148,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                             first_seed=args.first_seed, rates=tuple(args.lr))
         from tqdm.auto import tqdm
 
-        from gradclip_jax._cli import bench
+        from gradclip_jax._cli import bench, shapes
 
-        with tqdm(total=bench.steps_per_run(args.quick), desc="bench", unit="tree") as bar:
-            results = bench.run(quick=args.quick, json_path=args.json, progress=bar.update)
+        sets = bench.select_sets(shapes.shape_sets(quick=args.quick), args.only)
+        with tqdm(total=bench.steps_per_run(args.quick, sets), desc="bench",
+                  unit="tree") as bar:
+            results = bench.run(quick=args.quick, json_path=args.json, progress=bar.update,
+                                sets=sets, budget_s=args.seconds)
         print(bench.format_table(results))
         return 0
     except KeyboardInterrupt:
