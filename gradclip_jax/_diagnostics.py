@@ -27,6 +27,9 @@ WAS_STABLE = 0.25  # slow clip rate under which the run was stable before a burs
 EARLY_STEPS = 100  # before this many steps, frequent clipping is early-training behaviour
 
 FEW_STEPS = 20  # under this many steps, too few to judge the threshold
+SHARE_HIGH = 0.30  # share of the recent norms' sum a windowed percentile clip takes off, above
+# which diagnose reports it: on gradclip-jax outcomes the default took 7-27% off where it
+# did as well as the best fixed threshold (AdamW, Adam, plain SGD), 33-39% with SGD + momentum
 _OPTIMIZER_STATES = ("ScaleBy", "TraceState", "FactoredState")  # optax states of optimizers
 
 
@@ -443,7 +446,33 @@ def _diagnose_one(name: str, found: _Found) -> list[Finding]:
             f"clipped on {recent:.0%} of recent steps and {fraction:.1%} of all steps "
             f"(threshold {current}).",
         )
+    if s.recent is not None and threshold < NO_THRESHOLD:
+        share = _share_taken_off(s.recent, threshold)
+        if share >= SHARE_HIGH:
+            say(
+                "info",
+                f"at its threshold ({current}) this clip takes about {share:.0%} off the sum "
+                "of the recent unclipped norms: on average a cut of the step of that order. "
+                "Measured on training runs (gradclip-jax outcomes), the default took 7-27% "
+                "off with AdamW, Adam and plain SGD, where it ended level with or below the "
+                "best fixed threshold, and 33-39% off on a vanilla RNN trained with SGD + "
+                "momentum, where it ended 7-31% above it (c=3, which took a median 5% off). "
+                "There percentile_clip(90.0, window=None) did as well as c=3: with a "
+                "momentum optimizer, try it.",
+            )
     return findings
+
+
+def _share_taken_off(sketch: NormSketch, threshold: float) -> float:
+    """About what share of the sum of the norms in ``sketch`` a clip at ``threshold`` removes:
+    ``sum(max(n - threshold, 0)) / sum(n)``, from each bucket's representative value (so
+    within the sketch's relative accuracy of each norm); 0 for an empty sketch."""
+    counts = np.asarray(sketch.counts, np.float64)
+    values = np.asarray(sketch.mapping.value(jnp.arange(counts.size)), np.float64)
+    total = float(counts @ values)
+    if total <= 0.0:
+        return 0.0
+    return float(counts @ np.maximum(values - threshold, 0.0)) / total
 
 
 def diagnose(opt_state: Any) -> list[Finding]:

@@ -7,6 +7,8 @@ import optax
 import pytest
 
 import gradclip_jax as gc
+from gradclip_jax._diagnostics import _share_taken_off
+from gradclip_jax._sketch import sketch_add, sketch_init
 from tests.helpers import run_norm_stream
 
 KEYS = {"grad_norm", "threshold", "count", "clipped_steps", "nonfinite_steps", "clip_fraction",
@@ -155,6 +157,34 @@ def test_windowed_percentile_clip_clips_most_steps_by_design():
     findings = gc.diagnose(state)
     assert levels(findings) == ["info"]
     assert "by design" in findings[0].message and "validation loss" in findings[0].message
+
+
+def test_share_taken_off_is_the_exact_share_within_the_sketch_accuracy():
+    norms = np.arange(1.0, 101.0)
+    sketch = sketch_init(0.01, weighted=True)
+    for n in norms:
+        sketch = sketch_add(sketch, jnp.float32(n), jnp.bool_(True), None)
+    for c in (0.5, 10.0, 50.0, 99.0, 200.0):
+        exact = np.maximum(norms - c, 0.0).sum() / norms.sum()
+        assert _share_taken_off(sketch, c) == pytest.approx(exact, abs=0.01)
+    assert _share_taken_off(sketch_init(0.01, weighted=True), 1.0) == 0.0
+
+
+@pytest.mark.parametrize("sigma, reported", [(0.9, True), (0.15, False)])
+def test_a_clip_that_takes_much_off_widely_spread_norms_says_so(sigma, reported):
+    # Log-normal norms: at their median, a clip takes about 48% off the sum when the log
+    # norms' spread is 0.9 (an RNN trained with momentum), 7% when it is 0.15 (the LMs).
+    norms = np.exp(np.random.default_rng(3).normal(0.0, sigma, 400))
+    state, _, _, _ = run_norm_stream(gc.percentile_clip(), norms)
+    found = [f.message for f in gc.diagnose(state) if "takes about" in f.message]
+    assert bool(found) == reported
+    if reported:
+        share = int(found[0].split("takes about ")[1].split("%")[0])
+        assert 30 <= share <= 70
+        assert "percentile_clip(90.0, window=None)" in found[0]
+    # The classic rule keeps no recent window, so it is never the subject of this finding.
+    state, _, _, _ = run_norm_stream(gc.percentile_clip(90.0, window=None), norms)
+    assert not [f for f in gc.diagnose(state) if "takes about" in f.message]
 
 
 def test_too_few_steps_are_not_judged():

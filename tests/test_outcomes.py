@@ -89,6 +89,18 @@ def test_loss_spikes_count_steps_far_above_the_recent_median():
     assert spikes.tolist() == [2, 20]
 
 
+def test_norm_taken_off_is_the_share_of_the_summed_norm_that_clipping_removed():
+    norm = np.array([[1.0, 2.0, 3.0, 4.0], [1.0, 1.0, np.nan, 1.0], [2.0, 2.0, 2.0, 2.0]])
+    threshold = np.array([[2.0, 2.0, 2.0, 2.0], [0.5, np.inf, 0.5, np.inf],
+                          [np.inf, np.inf, np.inf, np.inf]])
+    applied = np.isfinite(norm)
+    applied[0, 3] = False  # a skipped step counts in neither sum
+    shares = harness.taken_off(norm, threshold, applied)
+    # (3 - 2) of 1 + 2 + 3; 0.5 of 3 (the NaN step and the unclipped ones add nothing
+    # removed); no threshold, nothing removed.
+    np.testing.assert_allclose(shares, [1.0 / 6.0, 0.5 / 3.0, 0.0])
+
+
 def test_scenario_metrics_pair_by_run_and_pick_the_best_fixed_c_in_hindsight():
     task = tasks.Task(name="t", steps=200, warmup=10, eval_every=100, init=None, loss=None,
                       sample=None, val_batch=None, optimizer=None,

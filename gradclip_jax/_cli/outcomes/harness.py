@@ -207,6 +207,20 @@ def loss_spikes(logs: dict[str, np.ndarray], warmup: int) -> np.ndarray:
     return spiking[:, start - SPIKE_WINDOW:].sum(axis=1)
 
 
+def taken_off(norm: np.ndarray, threshold: np.ndarray, applied: np.ndarray) -> np.ndarray:
+    """Per run: the share of the sum of the unclipped norms that clipping removed,
+    ``sum(max(n - c, 0)) / sum(n)`` over the steps whose threshold was applied (finite, not
+    skipped; a step with no threshold removes nothing). It says how much clipping cut the
+    steps on the whole, where the share of steps clipped says only how often it acted: a
+    threshold at the median of widely spread norms clips half the steps and takes much off
+    them."""
+    n = np.where(applied, norm, 0.0)
+    excess = np.subtract(norm, threshold, out=np.zeros_like(n),
+                         where=applied & (norm > threshold))
+    total = n.sum(axis=1)
+    return np.divide(excess.sum(axis=1), total, out=np.zeros_like(total), where=total > 0)
+
+
 def scenario_metrics(task: Task, logs: dict[str, dict[str, np.ndarray]],
                      select: Callable[[Arm], bool]) -> dict[str, Any]:
     """The judged figures of one scenario (a subset of the task's arms)."""
@@ -227,6 +241,7 @@ def scenario_metrics(task: Task, logs: dict[str, dict[str, np.ndarray]],
         finite = np.isfinite(m["threshold"]) & np.isfinite(m["grad_norm"])
         skipped = m.get("skipped", np.zeros_like(finite))
         clipped = finite & (m["grad_norm"] > m["threshold"]) & ~skipped
+        applied = np.isfinite(m["grad_norm"]) & ~skipped
         rows[p] = {
             "lost": int(lost(m).sum()),
             "runs": len(idx),
@@ -238,6 +253,8 @@ def scenario_metrics(task: Task, logs: dict[str, dict[str, np.ndarray]],
             "vs_best_fixed_ci": _relative_ci(finals[p], finals[best_fixed], resampled),
             "gap_to_best_per_lr": float(np.mean(per_lr[p] - best_at_lr)),
             "clipped_pct": 100.0 * float(clipped.mean()),
+            "taken_off_pct": 100.0 * float(np.mean(taken_off(m["grad_norm"], m["threshold"],
+                                                          applied))),
             "skipped_pct": 100.0 * float(skipped.mean()),
             "loss_spikes": float(np.mean(loss_spikes(m, task.warmup))),
         }

@@ -10,7 +10,7 @@ import numpy as np
 from gradclip_jax._cli.outcomes.harness import CONTROL, DEFAULT, REFERENCE
 
 COLUMNS = ("lost", "final val loss", "vs c=1 (wins)", "vs best fixed c", "gap to best per lr",
-           "steps clipped", "loss spikes")
+           "steps clipped", "norm taken off", "loss spikes")
 
 
 SUMMARY_POLICIES = ("no clip", "c=0.1", "c=1", "c=10", "AutoClip p10", "AutoClip p90", "ZClip",
@@ -45,6 +45,9 @@ def markdown(results: dict[str, Any]) -> str:
              "paired-bootstrap interval over the runs (an interval that holds 0 is no measured "
              "difference). *gap to best per "
              "lr*: mean over learning rates of the distance to the best policy at that rate. "
+             "*norm taken off*: the share of the sum of a run's unclipped norms that "
+             "clipping removed (how much it cut the steps, where *steps clipped* says how "
+             "often it acted), averaged over the runs. "
              "*loss spikes*: steps per run whose training loss is 3x the median of the 50 "
              "before.", "",
              "Mean final validation loss relative to the best fixed c in hindsight (lower is "
@@ -62,7 +65,8 @@ def markdown(results: dict[str, Any]) -> str:
                 f"{r['vs_c1']:+.4f} ({r['vs_c1_wins']}/{r['runs']}) | "
                 f"{r['vs_best_fixed_pct']:+.2f}% {_interval(r)} | "
                 f"{r['gap_to_best_per_lr']:.4f} | "
-                f"{r['clipped_pct']:.1f}% | {r['loss_spikes']:.1f} |")
+                f"{r['clipped_pct']:.1f}% | {r.get('taken_off_pct', float('nan')):.1f}% | "
+                f"{r['loss_spikes']:.1f} |")
         skips = [f"`{n}` skipped {r['skipped_pct']:.1f}% of steps"
                  for n, r in sc["rows"].items() if r.get("skipped_pct", 0.0) > 0]
         if skips:
