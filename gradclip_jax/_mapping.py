@@ -3,8 +3,12 @@
 Following DDSketch (Masson, Rim and Lee, VLDB 2019): with ``gamma = (1 + a) / (1 - a)``, the
 bucket with key ``k = ceil(log_gamma(x))`` holds the values in ``(gamma**(k-1), gamma**k]``,
 and reporting the bucket as ``2 * gamma**k / (gamma + 1)`` is within a relative error ``a`` of
-every value in it. Keys cover ``[min_value, max_value]`` (1e-8 .. 1e8 by default); one extra
-bucket below collects smaller values (zero included) and one above collects larger ones.
+every value in it. The key is computed in float32 under ``jit``, whose rounding of the
+logarithm can put a value within about 1e-5 of a bucket's edge into its neighbour: read
+back, a value is within ``a + 3e-5`` of the true one (measured worst over 2e7 values from
+1e-8 to 1e8: ``a + 1.8e-5``). Keys cover ``[min_value, max_value]`` (1e-8 .. 1e8 by
+default); one extra bucket below collects smaller values (zero included) and one above
+collects larger ones.
 Values outside the range are reported as the range's bounds.
 
 The mapping is plain Python configuration: its bucket count fixes the shape of the histogram
@@ -25,7 +29,8 @@ class LogMapping:
     """Log-spaced buckets for positive values.
 
     Attributes:
-      relative_accuracy: ``a`` in (0, 1); any value read back is within ``a`` of the true one.
+      relative_accuracy: ``a`` in (0, 1); any value read back is within ``a`` of the true one
+        (``a + 3e-5`` with float32's rounding, see the module docstring).
       min_value: smallest value with its own bucket.
       max_value: largest value with its own bucket.
     """

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import gradclip_jax as gc
@@ -17,10 +17,13 @@ from gradclip_jax._sketch import _count_at_most, sketch_add, sketch_init, sketch
 
 
 @given(x=st.floats(1e-8, 1e8), a=st.sampled_from([0.001, 0.01, 0.05]))
+@example(x=52588295.0, a=0.001)
 def test_mapping_relative_accuracy(x, a):
     mapping = LogMapping(a)
     value = float(mapping.value(mapping.index(x)))
-    assert abs(value - x) <= (a + 1e-5) * x
+    # a, and float32's rounding of the key's logarithm near a bucket edge (hypothesis found
+    # a + 1.0e-5 at x = 52588295, a = 0.001; a sweep of 2e7 values a + 1.8e-5).
+    assert abs(value - x) <= (a + 3e-5) * x
 
 
 def test_mapping_out_of_range_buckets():
