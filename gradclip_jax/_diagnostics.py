@@ -465,16 +465,30 @@ def _diagnose_one(name: str, found: _Found) -> list[Finding]:
     return findings
 
 
+def share_taken_off(norms: np.ndarray, thresholds: Any, weights: np.ndarray) -> np.ndarray:
+    """The share of a weighted sum of norms that clipping at ``thresholds`` removes:
+    ``sum(w * max(n - c, 0)) / sum(w * n)`` along the last axis, 0 where that sum is 0. An
+    entry of weight 0 counts for nothing, whatever its norm (NaN included), and a norm at or
+    below its threshold (or with a NaN or infinite one) loses nothing."""
+    norms = np.asarray(norms, np.float64)
+    weights = np.asarray(weights, np.float64)
+    thresholds = np.broadcast_to(np.asarray(thresholds, np.float64), norms.shape)
+    used = weights > 0
+    kept = np.where(used, norms, 0.0)
+    excess = np.subtract(kept, thresholds, out=np.zeros_like(kept),
+                         where=used & (kept > thresholds))
+    total = (weights * kept).sum(axis=-1)
+    removed = (weights * excess).sum(axis=-1)
+    return np.divide(removed, total, out=np.zeros_like(total), where=total > 0)
+
+
 def _share_taken_off(sketch: NormSketch, threshold: float) -> float:
-    """About what share of the sum of the norms in ``sketch`` a clip at ``threshold`` removes:
-    ``sum(max(n - threshold, 0)) / sum(n)``, from each bucket's representative value (so
-    within the sketch's relative accuracy of each norm); 0 for an empty sketch."""
+    """About what share of the sum of the norms in ``sketch`` a clip at ``threshold`` removes,
+    from each bucket's representative value (so within the sketch's relative accuracy of each
+    norm); 0 for an empty sketch."""
     counts = np.asarray(sketch.counts, np.float64)
     values = np.asarray(sketch.mapping.value(jnp.arange(counts.size)), np.float64)
-    total = float(counts @ values)
-    if total <= 0.0:
-        return 0.0
-    return float(counts @ np.maximum(values - threshold, 0.0)) / total
+    return float(share_taken_off(values, threshold, counts))
 
 
 def diagnose(opt_state: Any) -> list[Finding]:

@@ -20,6 +20,7 @@ import optax
 import gradclip_jax as gc
 from gradclip_jax._cli.outcomes import baselines
 from gradclip_jax._cli.outcomes.tasks import SPIKE_FACTOR, Arm, Task
+from gradclip_jax._diagnostics import share_taken_off
 
 FIXED_C = (0.1, 0.3, 1.0, 3.0, 10.0)
 NO_CLIP = float(np.finfo(np.float32).max)
@@ -213,12 +214,8 @@ def taken_off(norm: np.ndarray, threshold: np.ndarray, applied: np.ndarray) -> n
     skipped; a step with no threshold removes nothing). It says how much clipping cut the
     steps on the whole, where the share of steps clipped says only how often it acted: a
     threshold at the median of widely spread norms clips half the steps and takes much off
-    them."""
-    n = np.where(applied, norm, 0.0)
-    excess = np.subtract(norm, threshold, out=np.zeros_like(n),
-                         where=applied & (norm > threshold))
-    total = n.sum(axis=1)
-    return np.divide(excess.sum(axis=1), total, out=np.zeros_like(total), where=total > 0)
+    them. The same share ``diagnose`` reports from a clip's recent histogram."""
+    return share_taken_off(norm, threshold, applied)
 
 
 def scenario_metrics(task: Task, logs: dict[str, dict[str, np.ndarray]],
