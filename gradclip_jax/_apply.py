@@ -10,6 +10,7 @@ Both compute in at least float32 and round once into the leaf's dtype.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,6 +35,13 @@ class Rescale(Apply):
     def kinds(self) -> tuple[str, ...]:  # type: ignore[override]
         return _norms.norm_kinds(self.ord)
 
+    @property
+    def label(self) -> str:  # type: ignore[override]
+        labels = {2: "L2 norm", 1: "L1 norm", math.inf: "largest magnitude (L-inf norm)"}
+        if isinstance(self.ord, (int, float)) and self.ord in labels:
+            return labels[self.ord]
+        return "norm of the injected ord"
+
     def measure(self, measures: Mapping[str, jax.Array]) -> jax.Array:
         return _norms.norm_from(measures, self.ord)
 
@@ -52,6 +60,7 @@ class ClipEach(Apply):
     """Clips every coordinate to ``[-threshold, threshold]``; a step is clipped when any is."""
 
     kinds: tuple[str, ...] = (_norms.MAXABS,)
+    label: str = "largest magnitude"
 
     def measure(self, measures: Mapping[str, jax.Array]) -> jax.Array:
         return measures[_norms.MAXABS]

@@ -10,13 +10,13 @@ A transform is two small typed parts handed to :func:`clip_transformation`:
 Everything else happens here, once, whatever the parts:
 
 1. check the update's leaves (floating or complex, nothing else);
-2. measure the update in a single read: the sum of squares (for the L2 norm that diagnostics
-   record and the non-finite check) plus, when needed, the measure the threshold is compared
-   with;
+2. measure the update in a single read: the sum of squares (for the L2 norm in ``grad_norm``
+   and the non-finite check) plus, when needed, the measure the threshold is compared with;
 3. decide whether the step is finite;
 4. apply the threshold, or handle the non-finite update (``"zero"`` or ``"propagate"``);
-5. record diagnostics: the L2 norm into the histogram(s), step / clip / non-finite counters
-   and moving averages of the clip rate over about 20 and 500 steps.
+5. record diagnostics: the measure the threshold is compared with into the histogram(s) (the
+   L2 norm for the percentile clip and the default norm clip), the L2 norm, step / clip /
+   non-finite counters and moving averages of the clip rate over about 20 and 500 steps.
 
 The state never takes a NaN or an Inf: non-finite norms are not recorded, and "no threshold"
 is stored as float32's largest finite value.
@@ -51,9 +51,11 @@ LONG_RATE = 1.0 / 500.0
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
 class ClipName:
-    """The name a clip transform (or a skip guard) was given, kept in its state as static data."""
+    """The name a clip transform (or a skip guard) was given, kept in its state as static data,
+    with ``measure``: what its histograms record, in words, for :func:`diagnose`."""
 
     value: str | None = None
+    measure: str = "L2 norm"
 
 
 class ClipState(NamedTuple):
@@ -62,16 +64,20 @@ class ClipState(NamedTuple):
     Attributes:
       count: int32, update steps seen, finite or not.
       threshold: float32, the threshold applied at the last step (``NO_THRESHOLD`` when none).
-      grad_norm: float32, global L2 norm of the last finite unclipped update.
+      grad_norm: float32, global L2 norm of the last finite unclipped update, whatever the
+        clip compares with its threshold.
       clipped_steps: int32, steps on which the update was changed by the threshold.
       nonfinite_steps: int32, steps whose update held a NaN or an Inf.
       clip_rate_recent: float32, moving average of "this step was clipped" over ~20 steps.
       clip_rate_long: float32, the same over ~500 steps.
-      histogram: the sketch (a fixed-size histogram) of the finite unclipped L2 norms.
+      histogram: the sketch (a fixed-size histogram) of the measure the threshold is compared
+        with, on each finite step, before clipping: the L2 norm (``percentile_clip``,
+        ``clip_by_global_norm`` with ``ord=2``), the ``ord``-norm, or the largest magnitude
+        (``clip_by_value``), so that its percentiles are thresholds of that clip.
       recent: for the percentile clip with a ``window``, a second sketch of the same norms
         whose counts decay, so it holds about the last ``window`` of them; None otherwise.
       name: static (no array): the ``name`` the transform was given, which prefixes its
-        :func:`gradclip_jax.stats` keys.
+        :func:`gradclip_jax.stats` keys, and what ``histogram`` records, in words.
     """
 
     count: jax.Array  # type: ignore[assignment]  # optax's name; shadows tuple.count
@@ -122,6 +128,8 @@ class Apply(abc.ABC):
     """
 
     kinds: tuple[str, ...] = ()
+    label: str = "L2 norm"
+    """What ``measure`` returns, in words (diagnostics name the recorded values with it)."""
 
     @abc.abstractmethod
     def measure(self, measures: Mapping[str, jax.Array]) -> jax.Array:
@@ -157,7 +165,8 @@ class Apply(abc.ABC):
 
 
 def init_state(
-    relative_accuracy: float, *, weighted: bool, recent: bool = False, name: str | None = None
+    relative_accuracy: float, *, weighted: bool, recent: bool = False, name: str | None = None,
+    measure: str = "L2 norm",
 ) -> ClipState:
     f32 = jnp.float32
     return ClipState(
@@ -170,7 +179,7 @@ def init_state(
         clip_rate_long=jnp.zeros((), f32),
         histogram=sketch_init(relative_accuracy, weighted=weighted),
         recent=sketch_init(relative_accuracy, weighted=True) if recent else None,
-        name=ClipName(name),
+        name=ClipName(name, measure),
     )
 
 
@@ -274,7 +283,7 @@ def clip_transformation(
                 "concrete value; call init outside jit or pass it in static_args"
             )
         return init_state(float(relative_accuracy), weighted=decay is not None,
-                          recent=recent_decay is not None, name=name)
+                          recent=recent_decay is not None, name=name, measure=apply.label)
 
     def update_fn(updates, state, params=None, **extra_args):
         del params
@@ -287,6 +296,9 @@ def clip_transformation(
         finite = jnp.isfinite(l2)
         measured = apply.measure(measures)
         clipped = finite & (measured > threshold)
+        # The histograms hold what the threshold is compared with, so that their percentiles
+        # are thresholds of this clip; the same value as l2 for the L2-norm clips.
+        recorded = measured.astype(jnp.float32)
         zero = nonfinite == "zero"
         # The threshold too: the state's copy then comes from the same kernel, not from a
         # second evaluation of the rule.
@@ -307,9 +319,9 @@ def clip_transformation(
             clip_rate_recent=_moving_average(state.clip_rate_recent, clipped, RECENT_RATE,
                                              count),
             clip_rate_long=_moving_average(state.clip_rate_long, clipped, LONG_RATE, count),
-            histogram=sketch_add(state.histogram, l2, finite, decay),
+            histogram=sketch_add(state.histogram, recorded, finite, decay),
             recent=(None if state.recent is None
-                    else sketch_add(state.recent, l2, finite, recent_decay)),
+                    else sketch_add(state.recent, recorded, finite, recent_decay)),
             name=state.name,
         )
         return new_updates, new_state

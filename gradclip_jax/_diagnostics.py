@@ -308,7 +308,10 @@ def norm_percentile(
     """Estimated ``percentile`` of the unclipped norms a clip transform has recorded.
 
     Every gradclip_jax transform keeps the histogram, so this answers "what threshold would
-    the 90th-percentile rule pick for my run?" whichever clip you use. The estimate is within
+    the 90th-percentile rule pick for my run?" whichever clip you use. It records what its
+    threshold is compared with: the L2 norm (``percentile_clip``, ``clip_by_global_norm``),
+    the ``ord``-norm for another ``ord``, and the largest magnitude of any coordinate for
+    ``clip_by_value``, so the answer is a threshold for that same clip. The estimate is within
     the histogram's relative accuracy (1% by default) of the exact empirical percentile
     (between NumPy's ``method="lower"`` and ``"higher"``) for norms in 1e-8..1e8; NaN when
     nothing was recorded yet.
@@ -389,7 +392,9 @@ def _diagnose_one(name: str, found: _Found) -> list[Finding]:
     recent = float(s.clip_rate_recent)
     slow = float(s.clip_rate_long)
     p90 = float(sketch_quantile(s.histogram, 0.9))
-    suggestion = f" The 90th percentile of the unclipped norms is {p90:.3g}." if p90 == p90 else ""
+    measure = s.name.measure
+    what = "unclipped norms" if measure == "L2 norm" else f"{measure} before clipping"
+    suggestion = f" The 90th percentile of the {what} is {p90:.3g}." if p90 == p90 else ""
     threshold = float(s.threshold)
     current = "none" if threshold >= NO_THRESHOLD else f"{threshold:.3g}"
 

@@ -82,9 +82,10 @@ def clip_by_global_norm(
       max_norm: the threshold ``c`` > 0: a float, a scalar array, or an optax schedule (a
         callable of the step count kept in the state).
       ord: the norm compared with ``c``: 2 (default), 1 or ``math.inf``. The recorded
-        ``grad_norm`` is always the L2 norm. If ``ord`` arrives traced (``inject_hyperparams``
-        injects every numeric argument), all three norms come out of one reduction and the
-        one asked for is selected at run time.
+        ``grad_norm`` is always the L2 norm; the histogram records the ``ord``-norm, so that
+        :func:`gradclip_jax.norm_percentile` gives thresholds for this clip. If ``ord``
+        arrives traced (``inject_hyperparams`` injects every numeric argument), all three
+        norms come out of one reduction and the one asked for is selected at run time.
       nonfinite: what to do with an update that holds a NaN or an Inf. ``"zero"`` (default)
         returns an all-zero update (the step is skipped, the optimizer still counts it);
         ``"propagate"`` returns it untouched, for a later ``optax.apply_if_finite``. Either way
@@ -131,8 +132,11 @@ def clip_by_value(
 
     This bounds each coordinate but, unlike :func:`clip_by_global_norm`, bends the direction of
     the update when coordinates of different scale are clipped unevenly. A step counts as
-    clipped when any coordinate exceeded ``c``. Diagnostics are the same as for the norm clip
-    (the recorded norm is the unclipped global L2 norm). They take two reductions of each
+    clipped when any coordinate exceeded ``c``. Diagnostics are those of the norm clip:
+    ``grad_norm`` is the unclipped global L2 norm, while the histogram records the largest
+    magnitude of any coordinate, the value compared with ``c`` (so
+    :func:`gradclip_jax.norm_percentile` and :func:`gradclip_jax.diagnose` speak of values of
+    ``c``, not of L2 norms). They take two reductions of each
     leaf, the sum of squares and the largest magnitude: GPU backends fuse sibling reductions
     into one read, XLA's CPU backend reads the gradients once for each (2 extra reads; the
     clip itself fuses into the optimizer's update, where ``optax.clip`` writes the clipped

@@ -89,6 +89,54 @@ def test_norm_percentile_works_for_every_transform():
         gc.norm_percentile(state, 101)
 
 
+def _vector_stream(tx, n_steps=300, size=64, seed=3):
+    """Runs ``tx`` on gradients of ``size`` coordinates whose scale varies from step to step;
+    returns the state and the gradients."""
+    rng = np.random.default_rng(seed)
+    gs = rng.normal(size=(n_steps, size)) * np.exp(rng.normal(0, 0.5, (n_steps, 1)))
+    state = tx.init(None)
+    update = jax.jit(tx.update)
+    for g in gs.astype(np.float32):
+        _, state = update({"w": jnp.asarray(g)}, state)
+    return state, gs
+
+
+@pytest.mark.parametrize("make,measure", [
+    (lambda: gc.clip_by_value(0.1), lambda g: np.abs(g).max(axis=1)),
+    (lambda: gc.clip_by_global_norm(0.1, ord=np.inf), lambda g: np.abs(g).max(axis=1)),
+    (lambda: gc.clip_by_global_norm(0.1, ord=1), lambda g: np.abs(g).sum(axis=1)),
+    (lambda: gc.clip_by_global_norm(0.1), lambda g: np.linalg.norm(g, axis=1)),
+], ids=["value", "ord_inf", "ord_1", "ord_2"])
+def test_the_histogram_records_what_the_threshold_is_compared_with(make, measure):
+    # So that a percentile of it is a threshold for that same clip; grad_norm stays L2.
+    state, gs = _vector_stream(make())
+    for q in (10, 50, 90):
+        got = float(gc.norm_percentile(state, q))
+        assert got == pytest.approx(np.percentile(measure(gs), q), rel=0.03)
+    assert float(state.grad_norm) == pytest.approx(np.linalg.norm(gs[-1]), rel=1e-5)
+
+
+def test_value_clip_advice_is_in_values_of_its_bound():
+    # Clipping every step at 0.01: the suggestion is the 90th percentile of the largest
+    # magnitudes (about 0.1 here), never that of the L2 norms (about 2.5 times larger).
+    state, gs = _vector_stream(gc.clip_by_value(0.01))
+    [finding] = gc.diagnose(state)
+    assert finding.level == "warning"
+    suggested = float(finding.message.split("largest magnitude before clipping is ")[1]
+                      .split(". ")[0])
+    assert suggested == pytest.approx(np.percentile(np.abs(gs).max(axis=1), 90), rel=0.03)
+
+
+def test_value_clip_records_no_step_with_a_nan_its_max_would_skip():
+    # XLA's CPU max skips NaNs in long vectors; the value clip's finite check is the sum of
+    # squares, so the step is non-finite, zeroed, and its largest magnitude not recorded.
+    tx = gc.clip_by_value(1.0)
+    g = jnp.full((100_000,), 0.5).at[50_000].set(jnp.nan)
+    updates, state = jax.jit(tx.update)({"w": g}, tx.init(None))
+    assert int(state.nonfinite_steps) == 1 and int(state.histogram.recorded) == 0
+    assert not np.any(np.asarray(updates["w"]))
+
+
 def diagnose_stream(norms, max_norm=1.0):
     state, _, _, _ = run_norm_stream(gc.clip_by_global_norm(max_norm), norms)
     return gc.diagnose(state)
