@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from gradclip_jax import _norms
-from gradclip_jax._core import Apply
+from gradclip_jax._core import L2_NORM, Apply
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +37,7 @@ class Rescale(Apply):
 
     @property
     def label(self) -> str:  # type: ignore[override]
-        labels = {2: "L2 norm", 1: "L1 norm", math.inf: "largest magnitude (L-inf norm)"}
+        labels = {2: L2_NORM, 1: "L1 norm", math.inf: "largest magnitude (L-inf norm)"}
         if isinstance(self.ord, (int, float)) and self.ord in labels:
             return labels[self.ord]
         return "norm of the injected ord"

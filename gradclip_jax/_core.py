@@ -47,6 +47,9 @@ NO_THRESHOLD = float(jnp.finfo(jnp.float32).max)
 RECENT_RATE = 1.0 / 20.0
 LONG_RATE = 1.0 / 500.0
 
+L2_NORM = "L2 norm"
+"""What the L2-norm clips record, in words; the default of every label below."""
+
 
 @jax.tree_util.register_static
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +58,7 @@ class ClipName:
     with ``measure``: what its histograms record, in words, for :func:`diagnose`."""
 
     value: str | None = None
-    measure: str = "L2 norm"
+    measure: str = L2_NORM
 
 
 class ClipState(NamedTuple):
@@ -128,7 +131,7 @@ class Apply(abc.ABC):
     """
 
     kinds: tuple[str, ...] = ()
-    label: str = "L2 norm"
+    label: str = L2_NORM
     """What ``measure`` returns, in words (diagnostics name the recorded values with it)."""
 
     @abc.abstractmethod
@@ -166,7 +169,7 @@ class Apply(abc.ABC):
 
 def init_state(
     relative_accuracy: float, *, weighted: bool, recent: bool = False, name: str | None = None,
-    measure: str = "L2 norm",
+    measure: str = L2_NORM,
 ) -> ClipState:
     f32 = jnp.float32
     return ClipState(

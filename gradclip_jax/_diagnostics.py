@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gradclip_jax._core import NO_THRESHOLD, ClipState
+from gradclip_jax._core import L2_NORM, NO_THRESHOLD, ClipState
 from gradclip_jax._sketch import NormSketch, sketch_quantile
 from gradclip_jax._skip import SkipState
 from gradclip_jax._validation import check_range, warn_if_quantile
@@ -393,7 +393,7 @@ def _diagnose_one(name: str, found: _Found) -> list[Finding]:
     slow = float(s.clip_rate_long)
     p90 = float(sketch_quantile(s.histogram, 0.9))
     measure = s.name.measure
-    what = "unclipped norms" if measure == "L2 norm" else f"{measure} before clipping"
+    what = "unclipped norms" if measure == L2_NORM else f"{measure} before clipping"
     suggestion = f" The 90th percentile of the {what} is {p90:.3g}." if p90 == p90 else ""
     threshold = float(s.threshold)
     current = "none" if threshold >= NO_THRESHOLD else f"{threshold:.3g}"
