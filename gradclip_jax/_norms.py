@@ -147,9 +147,9 @@ them is joined, whatever its size: a small model's norm is then one reduction pe
 
 On a 10k-parameter MLP inside a jitted loop that took the norm clip + adam step from 1.06x to
 0.93x optax's clip + adam, and the value clip's from 1.36x to 1.15x (two large leaves and the
-joined small ones had been three reductions per measure; ``benchmarks/join_small_trees.py``). Past about 40k elements the joined
-copy costs more than the launches it saves (1.3x slower at 83k, 29x at 387k), so larger trees
-join only their small leaves."""
+joined small ones had been three reductions per measure; ``benchmarks/join_small_trees.py``).
+Past about 40k elements the joined copy costs more than the launches it saves (1.3x slower at
+83k, 29x at 387k), so larger trees join only their small leaves."""
 
 
 def _joinable(x: jax.Array) -> bool:
