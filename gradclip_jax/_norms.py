@@ -138,7 +138,8 @@ SMALL_LEAF = 2048
 On XLA's CPU backend a kernel launch costs about as much as reading 8-16 KiB, and a leaf's
 reduction is one kernel or, split into a reduce-window cascade, three: a thousand tiny leaves
 (biases, scales) made a thousand or more kernels for the norm alone. Joined, they are one copy
-and one reduction (the copy is an extra pass over the small leaves' few bytes only)."""
+and one reduction (the copy is an extra pass over the small leaves' few bytes only; over the
+whole tree for a tree of at most ``TINY_TREE`` elements, whose bytes stay in cache)."""
 
 
 TINY_TREE = 32_768
@@ -192,16 +193,17 @@ def reduce_tree(
     if SUMSQ in kinds and any(jnp.result_type(x) == jnp.bfloat16 for x in leaves):
         kinds = (*kinds, SUMSQ_LO)
     acc = jnp.result_type(jnp.float32, *(_accum_dtype(x.dtype) for x in leaves))
-    join_all = sum(x.size for x in leaves if _joinable(x)) <= TINY_TREE
+    joinable = [_joinable(x) for x in leaves]
+    join_all = sum(x.size for x, ok in zip(leaves, joinable, strict=True) if ok) <= TINY_TREE
     groups: dict[tuple[str, ...], list[tuple[jax.Array, ...]]] = {}
-    small: dict[tuple[tuple[str, ...], Any], list[jax.Array]] = {}
-    for leaf in leaves:
+    to_join: dict[tuple[tuple[str, ...], Any], list[jax.Array]] = {}
+    for leaf, ok in zip(leaves, joinable, strict=True):
         axes = tuple(a for a in names if a in varying_axes(leaf))
-        if _joinable(leaf) and (join_all or leaf.size <= SMALL_LEAF):
-            small.setdefault((axes, leaf.dtype), []).append(leaf)
+        if ok and (join_all or leaf.size <= SMALL_LEAF):
+            to_join.setdefault((axes, leaf.dtype), []).append(leaf)
         else:
             groups.setdefault(axes, []).append(_reduce_leaf(leaf, kinds))
-    for (axes, _), pool in small.items():
+    for (axes, _), pool in to_join.items():
         joined = pool[0].ravel() if len(pool) == 1 else jnp.concatenate([x.ravel() for x in pool])
         groups.setdefault(axes, []).append(_reduce_leaf(joined, kinds))
 
