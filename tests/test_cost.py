@@ -9,6 +9,7 @@ import re
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import optax
 import pytest
 
@@ -24,7 +25,18 @@ from gradclip_jax._cli.cost import (
 # ~8M float32 parameters in 96 leaves, as the performance contract specifies.
 PARAMS = model_params(8_000_000, 96)
 
+JAXLIB = tuple(int(x) for x in re.match(r"(\d+)\.(\d+)\.(\d+)", jaxlib.__version__).groups())
+compiler_figures = pytest.mark.skipif(
+    JAXLIB < (0, 10, 2),
+    reason=f"a figure of the XLA in jaxlib >= 0.10.2 (here {jaxlib.__version__}), whose CPU "
+    "backend hands a sum of squares to a vectorised library with the squaring inside. Older "
+    "XLA (measured: jaxlib 0.8.0 to 0.10.1) splits a long reduction into a tree and writes the "
+    "squares out first: about 3 extra passes for the norm clip, 6 for the value clip, 7 for "
+    "optax's clip. test_fewer_reads_than_optax_clip holds there too.")
+"""The tests that pin this compiler's fusion figures: CI installs the newest jaxlib."""
 
+
+@compiler_figures
 @pytest.mark.parametrize("name,clip", [
     ("clip_by_global_norm", gc.clip_by_global_norm(1.0)),
     ("percentile_clip", gc.percentile_clip()),
@@ -34,6 +46,7 @@ def test_at_most_one_extra_gradient_read(name, clip):
     assert extra_gradient_passes(clip, PARAMS) <= 1.05
 
 
+@compiler_figures
 @pytest.mark.parametrize("name,clip", [
     ("clip_by_value", gc.clip_by_value(1.0)),
     ("clip_by_global_norm_ord_inf", gc.clip_by_global_norm(1.0, ord=math.inf)),
@@ -46,11 +59,22 @@ def test_two_measures_cost_one_read_each_on_cpu(name, clip):
     assert extra_gradient_passes(clip, PARAMS) <= 2.05
 
 
+@pytest.mark.parametrize("clip", [gc.clip_by_global_norm(1.0), gc.percentile_clip()],
+                         ids=["norm", "percentile"])
+def test_fewer_reads_than_optax_clip(clip):
+    # On every jaxlib: optax's clip writes the clipped gradients out and adam reads them
+    # back, where ours fuses its scale into adam's update (1.0 against 5.0 extra passes on
+    # jaxlib 0.10.2, 3.1 against 7.1 on 0.8.0 to 0.10.1).
+    theirs = extra_gradient_passes(optax.clip_by_global_norm(1.0), PARAMS)
+    assert extra_gradient_passes(clip, PARAMS) <= theirs - 2.0
+
+
 def test_the_measure_sees_optax_extra_passes():
     # The measure is not blind: optax's own clip materialises the clipped gradients.
     assert extra_gradient_passes(optax.clip_by_global_norm(1.0), PARAMS) > 3.0
 
 
+@compiler_figures
 def test_the_optax_way_of_logging_the_norm_adds_no_read_to_a_clip():
     # optax's recipe for logging the norm before clipping: optax.monitor in front of the clip.
     # XLA merges the monitor's norm with the clip's, so logging costs no extra read; what
@@ -150,6 +174,7 @@ def _guard_step_text(inner, n_leaves=4):
     return _entry(_compiled(gc.skip_spikes(inner), params))
 
 
+@compiler_figures
 def test_a_guard_and_the_clip_inside_it_take_the_norm_once():
     # The guard hands its measurement to the clip that sees the same arrays, so there is one
     # reduction of each gradient leaf (to a scalar), not two.
@@ -159,6 +184,7 @@ def test_a_guard_and_the_clip_inside_it_take_the_norm_once():
     assert len(scalar_reductions) == 4
 
 
+@compiler_figures
 @pytest.mark.parametrize("inner,base", [
     (optax.chain(gc.clip_by_global_norm(1.0), optax.adamw(1e-3)), optax.adamw(1e-3)),
     (optax.chain(gc.percentile_clip(), optax.adamw(1e-3)), optax.adamw(1e-3)),
@@ -176,6 +202,7 @@ def test_guard_clip_and_optimizer_read_the_gradients_once_more_than_the_optimize
     assert extra <= 1.05
 
 
+@compiler_figures
 @pytest.mark.parametrize("clip,passes", [
     (gc.clip_by_global_norm(1.0), 3), (gc.percentile_clip(), 3), (gc.clip_by_value(1.0), 4),
     (gc.clip_by_global_norm(1.0, ord=math.inf), 4)], ids=["norm", "percentile", "value", "inf"])
@@ -297,6 +324,7 @@ def test_a_thousand_tiny_leaves_are_reduced_together():
     assert len(reductions) <= 10
 
 
+@compiler_figures
 @pytest.mark.parametrize("ord,at_most", [(2, 3), (math.inf, 4)])
 def test_a_small_models_leaves_are_reduced_together(ord, at_most):
     # Inside a jitted loop a 10k-parameter step is ~10 us and each kernel launch ~1 us, so a
