@@ -79,6 +79,15 @@ class _Found:
     path: str
     state: ClipState
     after: str | None  # an optimizer state that precedes the clip in the same chain
+    feeds: tuple[str, ...] = ()  # the optimizer states that follow it in the same chain
+
+
+def _in_one_chain(path: tuple, other_path: tuple) -> bool:
+    """Whether two states sit in one chain: their paths part at a tuple index."""
+    n = 0
+    while n < min(len(path), len(other_path)) and path[n] == other_path[n]:
+        n += 1
+    return n < len(path) and isinstance(path[n], jax.tree_util.SequenceKey)
 
 
 def _locate(opt_state: Any) -> list[_Found]:
@@ -87,18 +96,20 @@ def _locate(opt_state: Any) -> list[_Found]:
     for i, (path, node) in enumerate(nodes):
         if not isinstance(node, ClipState):
             continue
-        after = None
-        for other_path, other in nodes[:i]:
-            if not _is_optimizer_state(other):
-                continue
-            # Siblings in a chain: the paths part at a tuple index, the optimizer's first.
-            n = 0
-            while n < min(len(path), len(other_path)) and path[n] == other_path[n]:
-                n += 1
-            if n < len(path) and isinstance(path[n], jax.tree_util.SequenceKey):
-                after = type(other).__name__
-        found.append(_Found("/".join(_key_name(k) for k in path), _plain(node), after))
+        chained = [(j, type(other).__name__) for j, (other_path, other) in enumerate(nodes)
+                   if j != i and _is_optimizer_state(other) and _in_one_chain(path, other_path)]
+        before = [name for j, name in chained if j < i]
+        found.append(_Found("/".join(_key_name(k) for k in path), _plain(node),
+                            before[-1] if before else None,
+                            tuple(name for j, name in chained if j > i)))
     return found
+
+
+def _feeds_momentum_sgd(feeds: tuple[str, ...]) -> bool:
+    """A momentum trace follows the clip, and no state of an optimizer that normalises the
+    step by the gradient's scale (Adam, RMSProp, Adafactor, Lion...; a schedule does not)."""
+    normalising = [n for n in feeds if n != "ScaleByScheduleState" and n != "TraceState"]
+    return "TraceState" in feeds and not normalising
 
 
 def _keyed(found: list[_Found], opt_state: Any, *, required: bool = True) -> dict[str, _Found]:
@@ -369,6 +380,18 @@ def _diagnose_one(name: str, found: _Found) -> list[Finding]:
             "and its threshold acts on the step size. Put gradclip_jax's clip first: "
             "optax.chain(clip, optimizer).",
         )
+    if s.recent is not None and found.after is None and _feeds_momentum_sgd(found.feeds):
+        say(
+            "info",
+            "this windowed percentile clip feeds SGD with momentum (optax TraceState), and "
+            "clips about every other step. Measured on training runs (gradclip-jax outcomes, "
+            "a vanilla RNN with SGD + momentum 0.9), the default ended 7% and 31% above the "
+            "best fixed threshold on two sets of seeds, where percentile_clip(90.0, "
+            "window=None), which clips about one step in six, ended 12% and 1% below it: "
+            "with momentum, try it. And with SGD a loss multiplied by k is a learning rate "
+            "multiplied by k, which thresholds taken from the norms pass on: if the loss "
+            "scale may change, give max_norm.",
+        )
     if steps == 0:
         say("info", "no steps recorded yet.")
         return findings
@@ -512,7 +535,12 @@ def diagnose(opt_state: Any) -> list[Finding]:
       first 100 steps, an info that early training often clips;
     - the clip comes after an optimizer state in its chain (it measures the update, not the
       gradient): warning, put the clip first;
-    - fewer than 20 steps: info, too few to judge (only the two rules above apply);
+    - a windowed percentile clip followed in its chain by SGD with momentum (an optax
+      ``TraceState``, and no state of an optimizer that normalises the step, such as Adam's):
+      info, what the default and ``percentile_clip(90.0, window=None)`` did with momentum on
+      training runs, and that with SGD a change of the loss scale is a change of the learning
+      rate (give ``max_norm``);
+    - fewer than 20 steps: info, too few to judge (only the rules above apply);
     - clipped on under 1% of all steps: info, the threshold is fine;
     - frequent clipping earlier that has dropped to near zero: info, healthy;
     - otherwise an info with the rates;

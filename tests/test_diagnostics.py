@@ -257,6 +257,40 @@ def test_a_clip_after_the_optimizer_is_flagged(optimizer):
     assert not any("after an optimizer" in f.message for f in gc.diagnose(state))
 
 
+def _momentum_findings(tx):
+    return [f for f in gc.diagnose(run(tx, [1.0] * 5)) if "TraceState" in f.message]
+
+
+@pytest.mark.parametrize("optimizer", [
+    optax.sgd(0.1, momentum=0.9), optax.sgd(0.1, momentum=0.9, nesterov=True),
+    optax.sgd(optax.linear_schedule(0.0, 0.1, 10), momentum=0.9),
+    optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.9)],
+    ids=["momentum", "nesterov", "schedule", "injected"])
+def test_the_default_feeding_sgd_with_momentum_names_the_classic_rule(optimizer):
+    # Measured on the RNN with momentum: the default 7% and 31% above the best fixed c, the
+    # classic rule 12% and 1% below it; and with SGD a loss scale is a learning rate.
+    (finding,) = _momentum_findings(optax.chain(gc.percentile_clip(), optimizer))
+    assert finding.level == "info"
+    assert "percentile_clip(90.0, window=None)" in finding.message
+    assert "max_norm" in finding.message
+    # Found through the wrappers that hold a chain, too.
+    assert len(_momentum_findings(optax.MultiSteps(
+        optax.chain(gc.percentile_clip(), optimizer), 2))) == 1
+
+
+@pytest.mark.parametrize("tx", [
+    optax.chain(gc.percentile_clip(), optax.adam(1e-3)),
+    optax.chain(gc.percentile_clip(), optax.sgd(0.1)),
+    optax.chain(gc.percentile_clip(), optax.trace(0.9), optax.scale_by_adam()),
+    optax.chain(gc.percentile_clip(90.0, window=None), optax.sgd(0.1, momentum=0.9)),
+    optax.chain(gc.clip_by_global_norm(1.0), optax.sgd(0.1, momentum=0.9)),
+], ids=["adam", "plain_sgd", "trace_then_adam", "classic_rule", "fixed_clip"])
+def test_no_momentum_advice_where_it_does_not_apply(tx):
+    # Adam normalises the step whatever follows; plain SGD leaves no state to recognise; the
+    # classic rule is the advice itself; a fixed clip is not the default.
+    assert _momentum_findings(tx) == []
+
+
 def test_clips_inside_multi_transform_partitions_are_not_flagged():
     tx = optax.multi_transform(
         {"a": optax.chain(gc.clip_by_global_norm(1.0, name="a"), optax.adam(1e-3)),
