@@ -309,8 +309,9 @@ def clip_transformation(
             *apply.step_scalars(threshold, measured, clipped, finite, zero), clipped, finite,
             threshold)
         *scalars, clipped, finite, threshold = scalars
-        new_updates = jax.tree.map(lambda g: apply.update_leaf(g, tuple(scalars), zero),
-                                   updates)
+        # asarray: a Python number is a leaf optax accepts (optax.clip clips one).
+        new_updates = jax.tree.map(
+            lambda g: apply.update_leaf(jnp.asarray(g), tuple(scalars), zero), updates)
 
         count = state.count + 1
         new_state = ClipState(

@@ -88,6 +88,24 @@ def test_integer_and_bool_leaves_raise_a_type_error_naming_the_leaf(kind, dtype)
         jax.jit(tx.update)(updates, tx.init(None))
 
 
+@pytest.mark.parametrize("kind", sorted(TRANSFORMS))
+def test_python_number_leaves_are_clipped_like_arrays(kind):
+    # optax.clip accepts a Python float as a leaf; so do we, with or without jit.
+    tx = TRANSFORMS[kind]()
+    state = tx.init(None)
+    for scale in (1.0, 1.0, 10.0):  # the last step is clipped by every transform
+        numbers = {"a": 3.0 * scale, "b": -0.25 * scale}
+        arrays = {k: jnp.array(v) for k, v in numbers.items()}
+        for update in (tx.update, jax.jit(tx.update)):
+            expected, ref_state = update(arrays, state)
+            out, new_state = update(numbers, state)
+            np.testing.assert_array_equal(np.asarray(out["a"]), np.asarray(expected["a"]))
+            np.testing.assert_array_equal(np.asarray(out["b"]), np.asarray(expected["b"]))
+            assert float(new_state.grad_norm) == float(ref_state.grad_norm)
+        state = ref_state
+    assert int(state.clipped_steps) >= 1
+
+
 # Arguments that a user gets wrong
 
 
