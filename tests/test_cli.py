@@ -177,6 +177,23 @@ def test_small_trees_are_also_timed_in_a_jitted_loop():
     assert "the percentile clip's step over the norm clip's" in bench.format_table(results)
 
 
+def test_small_trees_are_also_timed_with_the_state_donated():
+    # Donated, each call trains on from the last one's parameters and state, whose buffers
+    # the step takes over (as a training loop that donates them).
+    params = {"w": jnp.ones((7, 3)), "b": jnp.ones((3,))}
+    tx = optax.chain(gc.percentile_clip(), optax.adam(0.1))
+    run = bench._step_runner(tx, params, donate=True)
+    first = run()
+    second = run()
+    assert first["w"].is_deleted() and not second["w"].is_deleted()
+    assert not np.allclose(second["w"], params["w"])
+    assert not params["w"].is_deleted()  # the caller's parameters are copied first
+    donated = bench.bench_tree("mlp", params, repeats=2, passes=False, donate=True)
+    assert donated["tree"] == "mlp, state donated"
+    assert donated["timing"] == "one call per step, state donated"
+    assert all(row["time_ms"] > 0 for row in donated["rows"])
+
+
 @pytest.mark.parametrize("quick", [True, False])
 def test_every_shape_set_is_named_and_builds(quick):
     sets = shapes.shape_sets(quick=quick)

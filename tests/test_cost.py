@@ -348,3 +348,18 @@ def test_a_larger_model_joins_only_its_small_leaves():
               "b": jnp.zeros((100,)), "c": jnp.zeros((7,))}
     _, largest = _norm_kernels(params)
     assert largest == 107  # the two small leaves, joined; the large ones reduced in place
+
+
+@pytest.mark.parametrize("clip,arrays", [
+    (lambda: gc.clip_by_global_norm(1.0), 9),
+    (lambda: gc.clip_by_value(1.0), 9),
+    (lambda: gc.percentile_clip(), 11),
+    (lambda: gc.percentile_clip(window=None), 9),
+])
+def test_state_is_a_few_arrays_whatever_the_tree(clip, arrays):
+    # A jitted call pays for each array it takes and returns, which is most of what the
+    # clips cost per call on a tiny model (README, Benchmark): the state holds a fixed
+    # number of them, one per field that optax.tree.get can find, whatever the parameters.
+    tx = clip()
+    for params in (None, {"w": jnp.ones(3)}, [jnp.ones((i % 7) + 1) for i in range(1000)]):
+        assert len(jax.tree.leaves(tx.init(params))) == arrays

@@ -11,10 +11,12 @@ leaves, one huge leaf, a tiny MLP; see ``shapes.py``), in float32 and bfloat16:
   round, with a 95% interval (see ``paired_ratio``): on a shared machine a slow spell moves
   both runs of a round and cancels, where the fastest run of each, compared, did not (the
   same step timed twice differed by up to 1.29x that way). Trees whose adam step takes under a
-  millisecond are timed a second way too: ``LOOP_STEPS`` steps inside one jitted loop, as a
-  small model is trained in a ``scan``. A call's dispatch costs more than such a step, so
-  timed one call per step the clip's share is diluted and lost in the noise; in the loop it
-  is what is measured.
+  millisecond are timed two more ways: one call per step with the parameters and optimizer
+  state donated to the step (``jax.jit(..., donate_argnums=...)``, as training loops do, so
+  the step writes into their buffers instead of allocating new ones), and ``LOOP_STEPS``
+  steps inside one jitted loop, as a small model is trained in a ``scan``. A call's dispatch
+  costs more than such a step, so timed one call per step the clip's share is diluted and
+  partly a cost per buffer of state; in the loop the step itself is what is measured.
 
 The table ends with the slowest ratio to optax's clip over every tree, dtype and transform,
 so that a regression on any one shape shows at once. It also times ``global_norm`` against a
@@ -109,13 +111,28 @@ def paired_ratio(times: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
 
 LOOP_STEPS = 100
 LOOPED_BELOW_MS = 1.0
-"""Trees whose adam step is faster are also timed in a jitted loop of ``LOOP_STEPS`` steps."""
+"""Trees whose adam step is faster are also timed with the state donated, and in a jitted
+loop of ``LOOP_STEPS`` steps."""
 
 
-def _step_runner(tx: optax.GradientTransformation, params: Any, loop_steps: int | None = None):
-    """A zero-argument function that runs one step (or ``loop_steps`` steps in one call)."""
+def _step_runner(tx: optax.GradientTransformation, params: Any, loop_steps: int | None = None,
+                 donate: bool = False):
+    """A zero-argument function that runs one step (or ``loop_steps`` steps in one call).
+
+    With ``donate``, each call donates the parameters and optimizer state of the call before
+    it, as a training loop does: the step then writes into their buffers instead of new ones.
+    """
     state = tx.init(params)
     grads = jax.tree.map(lambda x: jnp.full_like(x, 0.01), params)
+    if donate:
+        step = train_step(tx, donate=True)
+        carry = [jax.tree.map(jnp.copy, params), state]
+
+        def run():
+            carry[0], carry[1] = step(grads, carry[1], carry[0])
+            return carry[0]
+
+        return run
     if loop_steps is None:
         step = train_step(tx)
         return lambda: step(grads, state, params)
@@ -136,7 +153,8 @@ def _step_runner(tx: optax.GradientTransformation, params: Any, loop_steps: int 
 
 
 def bench_tree(name: str, params: Any, repeats: int, *, passes: bool = True,
-               budget_s: float = 0.0, loop_steps: int | None = None) -> dict[str, Any]:
+               budget_s: float = 0.0, loop_steps: int | None = None,
+               donate: bool = False) -> dict[str, Any]:
     """Step times of every transform chained with adam on ``params``, and their traffic.
 
     With ``loop_steps``, each timed call runs that many steps in a jitted loop, and the
@@ -144,7 +162,7 @@ def bench_tree(name: str, params: Any, repeats: int, *, passes: bool = True,
     """
     adam = optax.adam(1e-3)
     txs = transforms()
-    runner = lambda tx: _step_runner(tx, params, loop_steps)  # noqa: E731
+    runner = lambda tx: _step_runner(tx, params, loop_steps, donate)  # noqa: E731
     runners = {"adam": runner(adam)}
     runners.update({t: runner(optax.chain(tx, adam)) for t, tx in txs.items()})
     # The noise control: optax's clip compiled and timed a second time, side by side. Its
@@ -166,9 +184,14 @@ def bench_tree(name: str, params: Any, repeats: int, *, passes: bool = True,
         })
     leaves = jax.tree.leaves(params)
     control = paired_ratio(samples[CONTROL], samples[REFERENCE])
+    tree, timing = name, "one call per step"
+    if loop_steps is not None:
+        tree, timing = f"{name}, {loop_steps} steps in a jitted loop", "jitted loop"
+    elif donate:
+        tree, timing = f"{name}, state donated", "one call per step, state donated"
     return {
-        "tree": name if loop_steps is None else f"{name}, {loop_steps} steps in a jitted loop",
-        "timing": "one call per step" if loop_steps is None else "jitted loop",
+        "tree": tree,
+        "timing": timing,
         "dtype": str(leaves[0].dtype),
         "params": sum(int(x.size) for x in leaves),
         "leaves": len(leaves),
@@ -247,6 +270,9 @@ def run(*, quick: bool, json_path: str | None, progress: Any = None,
                                   budget_s=budget)
             results["trees"].append(per_call)
             if per_call["adam_ms"] < LOOPED_BELOW_MS:
+                results["trees"].append(bench_tree(name, params, _repeats(n, quick),
+                                                   passes=False, budget_s=budget,
+                                                   donate=True))
                 results["trees"].append(bench_tree(name, params, 11 if quick else 31,
                                                    passes=False, budget_s=budget,
                                                    loop_steps=LOOP_STEPS))

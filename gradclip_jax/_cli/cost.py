@@ -18,15 +18,15 @@ def model_params(n_params: int, n_leaves: int, dtype: Any = jnp.float32) -> list
     return [jnp.zeros((rows, cols), dtype) for _ in range(n_leaves)]
 
 
-def train_step(tx: optax.GradientTransformation):
-    """A jitted optimizer step: ``(grads, opt_state, params) -> (params, opt_state)``."""
+def train_step(tx: optax.GradientTransformation, *, donate: bool = False):
+    """A jitted optimizer step: ``(grads, opt_state, params) -> (params, opt_state)``; with
+    ``donate``, the state and parameters passed in are donated to the step."""
 
-    @jax.jit
     def step(grads, opt_state, params):
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
-    return step
+    return jax.jit(step, donate_argnums=(1, 2) if donate else ())
 
 
 def bytes_accessed(tx: optax.GradientTransformation, params: Any) -> float:
