@@ -6,17 +6,19 @@ leaves, one huge leaf, a tiny MLP; see ``shapes.py``), in float32 and bfloat16:
 - extra gradient passes: (XLA ``bytes accessed`` of ``chain(clip, adam)`` - that of ``adam``)
   / gradient bytes. Deterministic; 1.0 is the floor for a norm clip fused into the optimizer.
 - wall-clock ratios: one jitted optimizer step of ``chain(clip, adam)`` against ``adam`` alone
-  and against ``chain(optax.clip_by_global_norm, adam)``. Every variant runs once per round,
-  in a shuffled order; a ratio is the median over rounds of the two steps' times in the same
-  round, with a 95% interval (see ``paired_ratio``): on a shared machine a slow spell moves
-  both runs of a round and cancels, where the fastest run of each, compared, did not (the
-  same step timed twice differed by up to 1.29x that way). Trees whose adam step takes under a
-  millisecond are timed two more ways: one call per step with the parameters and optimizer
-  state donated to the step (``jax.jit(..., donate_argnums=...)``, as training loops do, so
-  the step writes into their buffers instead of allocating new ones), and ``LOOP_STEPS``
-  steps inside one jitted loop, as a small model is trained in a ``scan``. A call's dispatch
-  costs more than such a step, so timed one call per step the clip's share is diluted and
-  partly a cost per buffer of state; in the loop the step itself is what is measured.
+  and against ``chain(optax.clip_by_global_norm, adam)`` (``--optimizer adamw``: adamw in
+  place of adam; on an accelerator, a 1B-parameter tree is benched too). Every variant runs
+  once per round, in a shuffled order; a ratio is the median over rounds of the two steps'
+  times in the same round, with a 95% interval (see ``paired_ratio``): on a shared machine a
+  slow spell moves both runs of a round and cancels, where the fastest run of each, compared,
+  did not (the same step timed twice differed by up to 1.29x that way). Trees whose adam step
+  takes under a millisecond are timed two more ways: one call per step with the parameters and
+  optimizer state donated to the step (``jax.jit(..., donate_argnums=...)``, as training loops
+  do, so the step writes into their buffers instead of allocating new ones), and
+  ``LOOP_STEPS`` steps inside one jitted loop, as a small model is trained in a ``scan``. A
+  call's dispatch costs more than such a step, so timed one call per step the clip's share is
+  diluted and partly a cost per buffer of state; in the loop the step itself is what is
+  measured.
 
 The table ends with the slowest ratio to optax's clip over every tree, dtype and transform,
 so that a regression on any one shape shows at once. It also times ``global_norm`` against a
@@ -42,6 +44,10 @@ from gradclip_jax._cli import shapes
 from gradclip_jax._cli.cost import extra_gradient_passes, gradient_bytes, model_params, train_step
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+OPTIMIZERS = {"adam": lambda: optax.adam(1e-3), "adamw": lambda: optax.adamw(1e-3)}
+"""The optimizer every clip is chained with (``--optimizer``); its own step is the baseline.
+JSON fields keep the names ``adam_ms`` and ``vs_adam`` whichever it is."""
 REFERENCE = "optax.clip_by_global_norm"
 CONTROL = "optax.clip_by_global_norm, timed again"
 
@@ -154,13 +160,13 @@ def _step_runner(tx: optax.GradientTransformation, params: Any, loop_steps: int 
 
 def bench_tree(name: str, params: Any, repeats: int, *, passes: bool = True,
                budget_s: float = 0.0, loop_steps: int | None = None,
-               donate: bool = False) -> dict[str, Any]:
+               donate: bool = False, optimizer: str = "adam") -> dict[str, Any]:
     """Step times of every transform chained with adam on ``params``, and their traffic.
 
     With ``loop_steps``, each timed call runs that many steps in a jitted loop, and the
     times are per step.
     """
-    adam = optax.adam(1e-3)
+    adam = OPTIMIZERS[optimizer]()
     txs = transforms()
     runner = lambda tx: _step_runner(tx, params, loop_steps, donate)  # noqa: E731
     runners = {"adam": runner(adam)}
@@ -246,9 +252,12 @@ def select_sets(sets: dict[str, shapes.Builder],
 
 def run(*, quick: bool, json_path: str | None, progress: Any = None,
         sets: dict[str, shapes.Builder] | None = None,
-        budget_s: float | None = None) -> dict[str, Any]:
+        budget_s: float | None = None, optimizer: str = "adam") -> dict[str, Any]:
     """Benchmarks every shape set (``sets``, default all) in both dtypes; ``budget_s`` is the
-    least time of interleaved rounds per tree (default ``TIME_BUDGET_S``)."""
+    least time of interleaved rounds per tree (default ``TIME_BUDGET_S``); every clip is
+    chained with ``optimizer`` (a key of ``OPTIMIZERS``)."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
     sets = sets if sets is not None else shapes.shape_sets(quick=quick)
     budget = TIME_BUDGET_S[quick] if budget_s is None else budget_s
     results: dict[str, Any] = {
@@ -256,6 +265,7 @@ def run(*, quick: bool, json_path: str | None, progress: Any = None,
         "device": str(jax.devices()[0].device_kind),
         "jax": jax.__version__,
         "optax": optax.__version__,
+        "optimizer": optimizer,
         "budget_s": budget,
         "trees": [],
     }
@@ -267,15 +277,16 @@ def run(*, quick: bool, json_path: str | None, progress: Any = None,
             # trees and for the one with a thousand leaves (XLA compiles ~15 s per program).
             passes = n <= 40_000_000 and len(jax.tree.leaves(params)) <= 500
             per_call = bench_tree(name, params, _repeats(n, quick), passes=passes,
-                                  budget_s=budget)
+                                  budget_s=budget, optimizer=optimizer)
             results["trees"].append(per_call)
             if per_call["adam_ms"] < LOOPED_BELOW_MS:
                 results["trees"].append(bench_tree(name, params, _repeats(n, quick),
                                                    passes=False, budget_s=budget,
-                                                   donate=True))
+                                                   donate=True, optimizer=optimizer))
                 results["trees"].append(bench_tree(name, params, 11 if quick else 31,
                                                    passes=False, budget_s=budget,
-                                                   loop_steps=LOOP_STEPS))
+                                                   loop_steps=LOOP_STEPS,
+                                                   optimizer=optimizer))
             del params
             if progress is not None:
                 progress(1)
@@ -361,15 +372,16 @@ def write_json_atomically(path: str, data: Any) -> None:
 
 
 def format_table(results: dict[str, Any]) -> str:
+    opt = results.get("optimizer", "adam")
     lines = [f"backend: {results['backend']} ({results['device']}), jax {results['jax']}, "
-             f"optax {results['optax']}. adam step ms: its fastest run. Ratios: the median, over "
+             f"optax {results['optax']}. {opt} step ms: its fastest run. Ratios: the median, over "
              "rounds that run every step once in a shuffled order, of the step's time over the "
              "other's in the same round, with a 95% interval"
              + (f"; at least {results['budget_s']:g} s of rounds per tree"
                 if "budget_s" in results else ""),
              "",
-             "| tree | dtype | params (leaves) | adam step ms | transform, chained with adam "
-             "| extra gradient passes | step vs adam | vs optax clip |",
+             f"| tree | dtype | params (leaves) | {opt} step ms | transform, chained with {opt} "
+             f"| extra gradient passes | step vs {opt} | vs optax clip |",
              "|---|---|---|---|---|---|---|---|"]
     for tree in results["trees"]:
         for row in tree["rows"]:

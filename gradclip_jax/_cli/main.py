@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="time every tree for at least S seconds of rounds (default 3; "
                        "0.5 with --quick): steps of 200 ms or more get few rounds in 3 s, "
                        "and more rounds narrow their intervals")
+    bench.add_argument("--optimizer", choices=("adam", "adamw"), default="adam",
+                       help="the optimizer every clip is chained with, and whose step alone "
+                       "is the baseline (default adam)")
     bench.add_argument("--only", action="append", default=[], metavar="WORD",
                        help="bench only the shape sets whose name contains WORD "
                        "(repeatable, case-insensitive; for example --only GPT-2 --only 100M)")
@@ -146,15 +149,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                             windows=tuple(args.window),
                             early_caps=tuple(args.early_cap), seeds=args.seeds,
                             first_seed=args.first_seed, rates=tuple(args.lr))
+        import jax
         from tqdm.auto import tqdm
 
         from gradclip_jax._cli import bench, shapes
 
-        sets = bench.select_sets(shapes.shape_sets(quick=args.quick), args.only)
+        accelerator = jax.default_backend() != "cpu"
+        sets = bench.select_sets(shapes.shape_sets(quick=args.quick, accelerator=accelerator),
+                                 args.only)
         with tqdm(total=bench.steps_per_run(args.quick, sets), desc="bench",
                   unit="tree") as bar:
             results = bench.run(quick=args.quick, json_path=args.json, progress=bar.update,
-                                sets=sets, budget_s=args.seconds)
+                                sets=sets, budget_s=args.seconds, optimizer=args.optimizer)
         print(bench.format_table(results))
         return 0
     except KeyboardInterrupt:

@@ -103,11 +103,21 @@ def tiny_mlp(dtype: Any) -> Tree:
                   "l2/w": (41, 10), "l2/b": (10,)}, dtype)
 
 
+def gpt_1b(dtype: Any) -> Tree:
+    """A GPT-style tree of 1.01B parameters: GPT-2's layout at width 2,048, 18 blocks."""
+    return gpt2(dtype, d=2048, layers=18, ctx=2048)
+
+
 Builder = Callable[[Any], Tree]
 
+ACCELERATOR_SETS: dict[str, Builder] = {"GPT-style 1B (1.01B)": gpt_1b}
+"""Sets benched on an accelerator only: 1B float32 parameters with adam's state and a step's
+outputs take about 20 GB, more than a 2-core CI machine has to spare."""
 
-def shape_sets(*, quick: bool) -> dict[str, Builder]:
-    """Named tree builders: the full set, or a smaller version of each for ``--quick``."""
+
+def shape_sets(*, quick: bool, accelerator: bool = False) -> dict[str, Builder]:
+    """Named tree builders: the full set, or a smaller version of each for ``--quick``; with
+    ``accelerator`` (and not ``quick``), ``ACCELERATOR_SETS`` too."""
     if quick:
         return {
             "odd lengths (83,333, primes, 50,257)": lambda dt: odd_lengths(dt, scale=8),
@@ -126,4 +136,5 @@ def shape_sets(*, quick: bool) -> dict[str, Builder]:
         "1,000 tiny leaves": tiny_leaves,
         "one 100M leaf": one_big_leaf,
         "tiny MLP (10k)": tiny_mlp,
+        **(ACCELERATOR_SETS if accelerator else {}),
     }
