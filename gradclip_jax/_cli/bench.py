@@ -164,7 +164,8 @@ def bench_tree(name: str, params: Any, repeats: int, *, passes: bool = True,
     """Step times of every transform chained with adam on ``params``, and their traffic.
 
     With ``loop_steps``, each timed call runs that many steps in a jitted loop, and the
-    times are per step.
+    times are per step. With ``donate``, each call donates the last call's parameters and
+    state to the step. ``optimizer`` (a key of ``OPTIMIZERS``) replaces adam.
     """
     adam = OPTIMIZERS[optimizer]()
     txs = transforms()
