@@ -88,17 +88,23 @@ def test_keyboard_interrupt_is_reported_cleanly(monkeypatch, capsys):
     assert "interrupted" in capsys.readouterr().err
 
 
-def test_bench_only_and_seconds_reach_the_run(monkeypatch, capsys):
-    seen = {}
-
+def _fake_bench_run(seen):
+    """A stand-in for bench.run that records its arguments in ``seen`` and times nothing."""
     def fake_run(**kwargs):
         seen.update(kwargs)
         return {"backend": "cpu", "device": "cpu", "jax": "x", "optax": "y",
-                "budget_s": kwargs["budget_s"], "trees": [],
+                "budget_s": (bench.TIME_BUDGET_S[kwargs["quick"]] if kwargs["budget_s"] is None
+                             else kwargs["budget_s"]),
+                "optimizer": kwargs["optimizer"], "trees": [],
                 "bandwidth": {"bytes": 1e6, "global_norm_GBps": 1.0, "copy_GBps": 2.0,
                               "fraction_of_copy": 0.5}}
 
-    monkeypatch.setattr(bench, "run", fake_run)
+    return fake_run
+
+
+def test_bench_only_and_seconds_reach_the_run(monkeypatch, capsys):
+    seen = {}
+    monkeypatch.setattr(bench, "run", _fake_bench_run(seen))
     assert main.main(["bench", "--quick", "--only", "gpt-2", "--only", "MLP",
                       "--seconds", "7.5"]) == 0
     assert list(seen["sets"]) == ["GPT-2 tree at 1/4 width", "tiny MLP (10k)"]
@@ -222,15 +228,7 @@ def test_the_optimizer_can_be_adamw(monkeypatch, capsys):
     with pytest.raises(ValueError, match="optimizer must be one of.*'sgd'"):
         bench.run(quick=True, json_path=None, sets={}, optimizer="sgd")
     seen = {}
-
-    def fake_run(**kwargs):
-        seen.update(kwargs)
-        return {"backend": "cpu", "device": "cpu", "jax": "x", "optax": "y",
-                "optimizer": kwargs["optimizer"], "trees": [],
-                "bandwidth": {"bytes": 1e6, "global_norm_GBps": 1.0, "copy_GBps": 2.0,
-                              "fraction_of_copy": 0.5}}
-
-    monkeypatch.setattr(bench, "run", fake_run)
+    monkeypatch.setattr(bench, "run", _fake_bench_run(seen))
     assert main.main(["bench", "--quick", "--only", "MLP", "--optimizer", "adamw"]) == 0
     assert seen["optimizer"] == "adamw"
     assert "transform, chained with adamw" in capsys.readouterr().out
