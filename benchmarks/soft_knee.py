@@ -55,11 +55,13 @@ def knee_family(alpha: float, cap: float) -> harness.Family:
 
 def taken_off(norm: np.ndarray, threshold: np.ndarray, alpha: float, cap: float) -> float:
     """Mean over runs of the share of the summed unclipped norm the knee took off."""
-    finite = np.isfinite(norm) & np.isfinite(threshold)
-    n = np.where(finite, norm, 0.0)
-    c = np.where(finite, threshold, 1.0)
+    # A step with no threshold (the first) counts in the sum and loses nothing; a
+    # non-finite norm counts nowhere.
+    n = np.where(np.isfinite(norm), norm, 0.0)
+    applied = np.isfinite(threshold) & (n > threshold)
+    c = np.where(applied, threshold, 1.0)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        out = np.where(n > c, np.minimum(c * (n / c) ** alpha, cap * c), n)
+        out = np.where(applied, np.minimum(c * (n / c) ** alpha, cap * c), n)
     off = np.sum(n - out, axis=1) / np.maximum(np.sum(n, axis=1), 1e-30)
     return 100.0 * float(np.mean(off))
 
