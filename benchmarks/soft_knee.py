@@ -32,15 +32,21 @@ from gradclip_jax._cli.outcomes import harness, tasks
 from gradclip_jax._percentile import PercentileRule
 
 
+def knee_norm(n, c, alpha: float, cap: float, xp=jnp):
+    """The norm a step of norm ``n > c`` leaves with: ``min(c (n/c)^alpha, cap c)`` (``xp``:
+    jax.numpy in the clip, numpy in the figures)."""
+    return xp.minimum(c * (n / c) ** alpha, cap * c)
+
+
 @dataclasses.dataclass(frozen=True)
 class Knee(Rescale):
-    """Rescales a step of norm ``n`` above the threshold ``c`` to ``min(c (n/c)^alpha, cap c)``."""
+    """Rescales a step of norm ``n`` above the threshold ``c`` to ``knee_norm(n, c)``."""
 
     alpha: float = 0.5
     cap: float = 2.0
 
     def factor(self, threshold: jax.Array, measured: jax.Array) -> jax.Array:
-        out = jnp.minimum(threshold * (measured / threshold) ** self.alpha, self.cap * threshold)
+        out = knee_norm(measured, threshold, self.alpha, self.cap)
         return jnp.where(measured > threshold, out / measured, 1.0)
 
 
@@ -54,16 +60,11 @@ def knee_family(alpha: float, cap: float) -> harness.Family:
 
 
 def taken_off(norm: np.ndarray, threshold: np.ndarray, alpha: float, cap: float) -> float:
-    """Mean over runs of the share of the summed unclipped norm the knee took off."""
-    # A step with no threshold (the first) counts in the sum and loses nothing; a
-    # non-finite norm counts nowhere.
-    n = np.where(np.isfinite(norm), norm, 0.0)
-    applied = np.isfinite(threshold) & (n > threshold)
-    c = np.where(applied, threshold, 1.0)
+    """Mean over runs of the share of the summed unclipped norm the knee took off: the
+    benchmark's share, with each clipped step's threshold replaced by the norm it left with."""
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        out = np.where(applied, np.minimum(c * (n / c) ** alpha, cap * c), n)
-    off = np.sum(n - out, axis=1) / np.maximum(np.sum(n, axis=1), 1e-30)
-    return 100.0 * float(np.mean(off))
+        left = np.where(norm > threshold, knee_norm(norm, threshold, alpha, cap, np), threshold)
+    return 100.0 * float(np.mean(harness.taken_off(norm, left, np.isfinite(norm))))
 
 
 def main() -> None:
