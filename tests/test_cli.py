@@ -30,6 +30,8 @@ from gradclip_jax._cli import bench, main, shapes
     ["outcomes", "--percentile", "ninety"],
     ["outcomes", "--window", "0"],
     ["outcomes", "--early-cap", "-30"],
+    ["outcomes", "--start", "0"],
+    ["outcomes", "--start", "2"],
     ["outcomes", "--seeds", "0"],
     ["outcomes", "--first-seed", "-1"],
     ["outcomes", "--first-seed", "one"],

@@ -264,6 +264,19 @@ def test_an_early_cap_clips_at_one_for_its_steps_then_trains_as_the_default():
     assert np.any(capped["threshold"][:, 10:] > 1.0)
 
 
+def test_a_start_variant_clips_from_a_fraction_of_the_first_norm():
+    # `outcomes --start S`: percentile_clip(start=S), whose first threshold is S times the
+    # first norm; its runs differ from the default's from that step on.
+    task = _short_rnn_task()
+    fams = [f for f in harness.families(starts=(0.25,)) if f.name in ("starts", "default")]
+    logs = harness.run_task(task, fams)
+    started, default = logs["percentile_clip(start=0.25)"], logs[harness.DEFAULT]
+    np.testing.assert_allclose(started["threshold"][:, 1], 0.25 * started["grad_norm"][:, 0],
+                               rtol=0.011)
+    np.testing.assert_allclose(default["threshold"][:, 1], default["grad_norm"][:, 0], rtol=0.011)
+    assert np.all(started["grad_norm"][:, 1] > started["threshold"][:, 1])
+
+
 def test_the_guarded_policy_skips_the_injected_spikes_past_its_warmup():
     task = tasks.lstm(quick=True)
     spiked = tuple(a for a in task.arms if a.spikes)[:1]

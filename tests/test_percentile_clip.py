@@ -1,5 +1,7 @@
 """percentile_clip on synthetic norm streams: the behaviours its contract requires."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -188,6 +190,9 @@ def test_traced_percentile_via_inject_hyperparams():
     (dict(freeze_after=0), "freeze_after must be an integer >= 1"),
     (dict(max_norm=0.0), "max_norm must be in"),
     (dict(max_norm=-3.0), "max_norm must be in"),
+    (dict(start=0.0), "start must be in"),
+    (dict(start=1.5), "start must be in"),
+    (dict(start=float("nan")), "start must be in"),
 ])
 def test_bad_arguments_fail_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match + ".*got"):
@@ -231,3 +236,80 @@ def test_window_traced_through_inject_hyperparams():
         _, state = update({"w": jnp.array([n])}, state)
     out, state = update({"w": jnp.array([100.0])}, state)
     assert float(out["w"][0]) == pytest.approx(1.0, rel=0.011)
+
+
+def with_start(**kwargs):
+    return gc.percentile_clip(start=0.25, **kwargs)
+
+
+def test_start_clips_a_falling_start_at_a_quarter_of_the_first_norm():
+    # Norms that fall fourfold over the first 60 steps, then level off around 1.
+    rng = np.random.default_rng(12)
+    norms = np.concatenate([4.0 * 0.977 ** np.arange(60), lognormal(rng, 540, 0.2)])
+    _, outs, thresholds, clipped = run_norm_stream(with_start(), norms)
+    assert thresholds[1] == pytest.approx(0.25 * norms[0], rel=0.011)
+    end = int(np.argmin(clipped[1:])) + 1  # the first unclipped step after the first
+    assert end > 10 and clipped[1:end].all()
+    # Every step of the start leaves with the threshold, which rises at most 1% a step.
+    np.testing.assert_allclose(outs[1:end], thresholds[1:end], rtol=1e-5)
+    t = thresholds.astype(np.float64)
+    assert np.all(t[2:end + 1] <= t[1:end] * gc._percentile.START_RISE_PER_STEP * (1 + 1e-6))
+    # After it, the default's rule: at most 5% a step, the recent median, about half clipped.
+    assert np.all(t[end + 1:] <= t[end:-1] * 1.05 * (1 + 1e-6))
+    assert 0.42 <= clipped[end + 100:].mean() <= 0.62
+    # Without a start the same stream clips far less of its first 60 steps.
+    _, _, _, default_clipped = run_norm_stream(gc.percentile_clip(), norms)
+    assert clipped[:60].mean() > default_clipped[:60].mean() + 0.3
+
+
+def test_start_on_level_norms_ends_within_a_bounded_number_of_steps():
+    # Norms that never fall: the start's threshold rises 1% a step until it meets them.
+    norms = lognormal(np.random.default_rng(13), 2000, 0.3)
+    _, _, thresholds, clipped = run_norm_stream(with_start(), norms)
+    end = int(np.argmin(clipped[1:])) + 1
+    # From a quarter of the first norm to the norms' low tail at 1% a step.
+    assert end <= math.log(4.0 * norms[0] / norms.min()) / math.log(1.01) + 2
+    assert 0.42 <= clipped[end + 100:].mean() <= 0.62
+
+
+def test_start_ends_at_a_new_scale_and_follows_it():
+    # Tiny first norms, then a thousandfold larger scale: the start does not hold the
+    # threshold to 1% a step; the new scale is followed as without a start.
+    rng = np.random.default_rng(4)
+    norms = np.concatenate([lognormal(rng, 100, 0.2, 1e-3), lognormal(rng, 2000, 0.3)])
+    _, _, thresholds, clipped = run_norm_stream(with_start(), norms)
+    assert 0.42 <= clipped[500:].mean() <= 0.62
+    assert thresholds[-1] == pytest.approx(np.percentile(norms[-1000:], 50), rel=0.3)
+
+
+@pytest.mark.parametrize("rule", [with_start, lambda **kw: gc.percentile_clip(
+    90.0, window=None, start=0.5, **kw)], ids=["default", "p90 full history"])
+def test_start_keeps_the_rules_bounds(rule):
+    rng = np.random.default_rng(2)
+    # A spike during the start, and one after it: each clipped, neither raises the threshold.
+    norms = lognormal(rng, 800, 0.3)
+    norms[5] = norms[600] = 1e6
+    _, outs, thresholds, clipped = run_norm_stream(rule(), norms)
+    assert clipped[5] and clipped[600]
+    assert thresholds[6] <= thresholds[5] * 1.05 * (1 + 1e-6)
+    assert abs(thresholds[601] / thresholds[600] - 1) < 0.05
+    assert np.all(outs[1:] <= thresholds[1:].astype(np.float64) * (1 + 1e-5))
+    # Sustained growth after the start: no ratchet.
+    growing = np.concatenate([lognormal(rng, 500, 0.3),
+                              lognormal(rng, 300, 0.3) * 1.05 ** np.arange(1, 301)])
+    _, _, thresholds, _ = run_norm_stream(rule(), growing)
+    assert thresholds[-1] <= 8.0 * thresholds[499]
+
+
+def test_start_traced_through_inject_hyperparams():
+    norms = [4.0, 3.0, 2.0, 1.5, 1.0, 0.5, 0.9]
+    tx = optax.inject_hyperparams(gc.percentile_clip)(start=0.25)
+    state = tx.init(None)
+    update = jax.jit(tx.update)
+    outs = []
+    for n in norms:
+        out, state = update({"w": jnp.array([n])}, state)
+        outs.append(float(out["w"][0]))
+    _, static, _, _ = run_norm_stream(with_start(), norms)
+    np.testing.assert_allclose(outs, static, rtol=1e-5)
+    assert outs[1] == pytest.approx(1.0, rel=0.011)

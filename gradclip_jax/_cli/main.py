@@ -34,6 +34,10 @@ def _positive_float(text: str) -> float:
                     "a finite number > 0")
 
 
+def _fraction(text: str) -> float:
+    return _checked(text, float, lambda v: 0.0 < v <= 1.0, "a number in (0, 1]")
+
+
 def _percentile(text: str) -> float:
     value = _checked(text, float, lambda v: 0.0 < v <= 100.0, "a percentile in (0, 100]")
     # The variants are built with a traced percentile, which percentile_clip cannot check.
@@ -97,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     outcomes.add_argument("--early-cap", action="append", type=_positive_int, default=[],
                           metavar="N", help="also train percentile_clip() capped at c = 1 for "
                           "its first N steps (repeatable)")
+    outcomes.add_argument("--start", action="append", type=_fraction, default=[],
+                          metavar="S", help="also train percentile_clip(start=S), whose first "
+                          "threshold is S times the first norm (repeatable)")
     outcomes.add_argument("--seeds", type=_positive_int, metavar="N",
                           help="seeds per learning rate in every task (default: 6 for the "
                           "transformer, 3 for the LSTM, 24 for the RNN; 2 with --quick). Runs "
@@ -147,7 +154,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run.main(quick=args.quick, out=args.out, only=args.task,
                             percentiles=tuple(args.percentile),
                             windows=tuple(args.window),
-                            early_caps=tuple(args.early_cap), seeds=args.seeds,
+                            early_caps=tuple(args.early_cap), starts=tuple(args.start),
+                            seeds=args.seeds,
                             first_seed=args.first_seed, rates=tuple(args.lr))
         import jax
         from tqdm.auto import tqdm

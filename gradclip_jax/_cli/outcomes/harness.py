@@ -54,11 +54,12 @@ def capped_for(steps: jax.Array, c: float = 1.0) -> optax.Schedule:
 
 
 def families(percentiles: tuple[float, ...] = (), windows: tuple[int, ...] = (),
-             early_caps: tuple[int, ...] = ()) -> list[Family]:
-    """Every policy of the benchmark; ``percentiles``, ``windows`` and ``early_caps`` add
-    variants of the default, each set one program: ``percentile_clip(p)``,
-    ``percentile_clip(window=w)``, and ``percentile_clip()`` capped at c = 1 for its first
-    ``n`` steps (what c = 1 does during a learning-rate warmup, then the default's rule)."""
+             early_caps: tuple[int, ...] = (), starts: tuple[float, ...] = ()) -> list[Family]:
+    """Every policy of the benchmark; ``percentiles``, ``windows``, ``early_caps`` and
+    ``starts`` add variants of the default, each set one program: ``percentile_clip(p)``,
+    ``percentile_clip(window=w)``, ``percentile_clip()`` capped at c = 1 for its first ``n``
+    steps (what c = 1 does during a learning-rate warmup, then the default's rule), and
+    ``percentile_clip(start=s)`` (the scale-free form of that cap)."""
     fixed = {"no clip": NO_CLIP, **{f"c={c:g}": c for c in FIXED_C}}
     extra = []
     if early_caps:
@@ -68,6 +69,9 @@ def families(percentiles: tuple[float, ...] = (), windows: tuple[int, ...] = (),
     if percentiles:
         extra.append(Family("percentiles", lambda p, task: gc.percentile_clip(p),
                             {f"percentile_clip({p:g})": p for p in percentiles}))
+    if starts:
+        extra.append(Family("starts", lambda s, task: gc.percentile_clip(start=s),
+                            {f"percentile_clip(start={s:g})": s for s in starts}))
     if windows:
         extra.append(Family("windows", lambda w, task: gc.percentile_clip(window=w),
                             {f"percentile_clip(window={w})": w for w in windows}))

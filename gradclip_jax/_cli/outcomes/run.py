@@ -15,7 +15,8 @@ from gradclip_jax._cli.outcomes import harness, report, tasks
 
 def main(*, quick: bool, out: str, only: list[str] | None = None,
          percentiles: tuple[float, ...] = (), windows: tuple[int, ...] = (),
-         early_caps: tuple[int, ...] = (), seeds: int | None = None,
+         early_caps: tuple[int, ...] = (), starts: tuple[float, ...] = (),
+         seeds: int | None = None,
          first_seed: int = 0, rates: tuple[float, ...] = ()) -> int:
     from tqdm.auto import tqdm
 
@@ -32,7 +33,7 @@ def main(*, quick: bool, out: str, only: list[str] | None = None,
                 f"run of {', '.join(names)} trains at that peak learning rate; the rates are "
                 f"{', '.join(f'{r:g}' for r in every)}")
     os.makedirs(out, exist_ok=True)
-    fams = harness.families(percentiles, windows, early_caps)
+    fams = harness.families(percentiles, windows, early_caps, starts)
     start = time.time()
     logs: dict[str, Any] = {}
     programs = sum(f.tasks is None or n in f.tasks for n in built for f in fams)
