@@ -211,8 +211,9 @@ def percentile_clip(
         Adam and its kin: the first threshold is ``start`` times the median of the warmup
         norms (the first norm, by default), and it rises at most 1% a step, instead of 5%,
         for as long as every step since has been clipped; the first step left unclipped
-        ends the start, and so does a rise of the recent norms past 4x the norms it started
-        from (a new scale). While the norms fall early in training, every step is then cut
+        ends the start. While the recent norms are more than 4x the norms it started from (a
+        new scale) it rises at 5% a step; within 4x of them, at 1% again, until a step goes
+        unclipped. While the norms fall early in training, every step is then cut
         to about a fixed norm, as a fixed threshold below them would cut it, so that Adam's
         second-moment estimate does not lag the falling norms. Measured (``gradclip-jax
         outcomes --start 0.25``; README, "Training outcomes"): with AdamW on the
