@@ -55,10 +55,12 @@ L2_NORM = "L2 norm"
 @dataclasses.dataclass(frozen=True)
 class ClipName:
     """The name a clip transform (or a skip guard) was given, kept in its state as static data,
-    with ``measure``: what its histograms record, in words, for :func:`diagnose`."""
+    with ``measure``: what its histograms record, in words, and ``features``: the options of
+    its threshold rule that :func:`diagnose` reads (``ThresholdRule.features``)."""
 
     value: str | None = None
     measure: str = L2_NORM
+    features: tuple[str, ...] = ()
 
 
 class ClipState(NamedTuple):
@@ -117,6 +119,10 @@ class ThresholdRule(abc.ABC):
         """Forgetting factor of ``ClipState.recent``; None: no such sketch is kept."""
         return None
 
+    def features(self) -> tuple[str, ...]:
+        """Names of the options in use that :func:`diagnose` should know of (static)."""
+        return ()
+
 
 class Apply(abc.ABC):
     """How a clip transform applies its threshold to the update.
@@ -169,7 +175,7 @@ class Apply(abc.ABC):
 
 def init_state(
     relative_accuracy: float, *, weighted: bool, recent: bool = False, name: str | None = None,
-    measure: str = L2_NORM,
+    measure: str = L2_NORM, features: tuple[str, ...] = (),
 ) -> ClipState:
     f32 = jnp.float32
     return ClipState(
@@ -182,7 +188,7 @@ def init_state(
         clip_rate_long=jnp.zeros((), f32),
         histogram=sketch_init(relative_accuracy, weighted=weighted),
         recent=sketch_init(relative_accuracy, weighted=True) if recent else None,
-        name=ClipName(name, measure),
+        name=ClipName(name, measure, features),
     )
 
 
@@ -286,7 +292,8 @@ def clip_transformation(
                 "concrete value; call init outside jit or pass it in static_args"
             )
         return init_state(float(relative_accuracy), weighted=decay is not None,
-                          recent=recent_decay is not None, name=name, measure=apply.label)
+                          recent=recent_decay is not None, name=name, measure=apply.label,
+                          features=rule.features())
 
     def update_fn(updates, state, params=None, **extra_args):
         del params

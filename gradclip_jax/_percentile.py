@@ -71,6 +71,9 @@ class PercentileRule(_core.ThresholdRule):
             return None
         return 1.0 - 1.0 / jnp.maximum(self.window, 1)
 
+    def features(self) -> tuple[str, ...]:
+        return ("start",) if self.start is not None else ()
+
     def threshold(self, state: _core.ClipState) -> jax.Array:
         hist = state.histogram
         q = jnp.asarray(self.percentile, jnp.float32) / 100.0

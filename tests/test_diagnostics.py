@@ -291,6 +291,58 @@ def test_no_momentum_advice_where_it_does_not_apply(tx):
     assert _momentum_findings(tx) == []
 
 
+def _adam_start_findings(tx):
+    return [f for f in gc.diagnose(run(tx, [1.0] * 5))
+            if "percentile_clip(start=0.25)" in f.message]
+
+
+@pytest.mark.parametrize("optimizer", [
+    optax.adam(1e-3), optax.adamw(1e-3, b2=0.95), optax.nadam(1e-3),
+    optax.inject_hyperparams(optax.adamw)(learning_rate=1e-3)],
+    ids=["adam", "adamw", "nadam", "injected"])
+def test_the_default_feeding_adam_names_the_start(optimizer):
+    # Measured (outcomes --start 0.25): start=0.25 ended lower than the default with AdamW
+    # on the transformer and Adam on the LSTM.
+    (finding,) = _adam_start_findings(optax.chain(gc.percentile_clip(), optimizer))
+    assert finding.level == "info"
+    assert "percentile_clip(start=0.25)" in finding.message
+    assert len(_adam_start_findings(optax.MultiSteps(
+        optax.chain(gc.percentile_clip(), optimizer), 2))) == 1
+
+
+@pytest.mark.parametrize("tx", [
+    optax.chain(gc.percentile_clip(start=0.25), optax.adam(1e-3)),
+    optax.chain(optax.inject_hyperparams(gc.percentile_clip)(start=0.5), optax.adam(1e-3)),
+    optax.chain(gc.percentile_clip(), optax.sgd(0.1, momentum=0.9)),
+    optax.chain(gc.percentile_clip(90.0, window=None), optax.adam(1e-3)),
+    optax.chain(gc.clip_by_global_norm(1.0), optax.adam(1e-3)),
+    optax.chain(optax.adam(1e-3), gc.percentile_clip()),
+], ids=["has_start", "injected_start", "momentum", "classic_rule", "fixed_clip",
+        "after_adam"])
+def test_no_start_advice_where_it_does_not_apply(tx):
+    assert _adam_start_findings(tx) == []
+
+
+def test_a_start_feeding_momentum_says_what_it_cost():
+    (finding,) = _momentum_findings(optax.chain(gc.percentile_clip(start=0.25),
+                                                optax.sgd(0.1, momentum=0.9)))
+    assert "start" in finding.message and "leave it off" in finding.message
+    (finding,) = _momentum_findings(optax.chain(gc.percentile_clip(),
+                                                optax.sgd(0.1, momentum=0.9)))
+    assert "leave it off" not in finding.message
+
+
+def test_the_start_is_recorded_in_the_state_as_static_data():
+    with_start = gc.percentile_clip(start=0.25).init(None)
+    without = gc.percentile_clip().init(None)
+    assert with_start.name.features == ("start",) and without.name.features == ()
+    assert jax.tree.leaves(with_start) and len(jax.tree.leaves(with_start)) == len(
+        jax.tree.leaves(without))
+    # Static: a jitted update keeps it, and the compiled program sees no extra array.
+    _, state = jax.jit(gc.percentile_clip(start=0.25).update)({"w": jnp.ones(2)}, with_start)
+    assert state.name.features == ("start",)
+
+
 def test_clips_inside_multi_transform_partitions_are_not_flagged():
     tx = optax.multi_transform(
         {"a": optax.chain(gc.clip_by_global_norm(1.0, name="a"), optax.adam(1e-3)),
