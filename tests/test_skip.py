@@ -1,5 +1,6 @@
 """skip_spikes: what a skipped step leaves behind, what counts as a spike, and where it works."""
 
+import functools
 import math
 
 import hypothesis.extra.numpy as hnp
@@ -40,6 +41,17 @@ def run(tx, norms, losses=None):
     return state, np.asarray(skipped)
 
 
+@functools.cache
+def _scan_states(tx):
+    """One jitted scan per transform (compiled once per input length): every step's state."""
+    def step(state, xs):
+        norm, loss = xs
+        _, new = tx.update(grads_of_norm(norm), state, PARAMS, loss=loss)
+        return new, new
+
+    return jax.jit(lambda s, xs: jax.lax.scan(step, s, xs))
+
+
 def lognormal(seed, n, sigma=0.3):
     return np.exp(np.random.default_rng(seed).normal(0.0, sigma, n))
 
@@ -57,19 +69,27 @@ def test_a_spike_is_skipped_and_leaves_the_inner_state_bit_identical():
     assert int(state.count) == 51
 
 
+GUARDED_5 = guarded(warmup_steps=5)
+
+
 @settings(max_examples=20, deadline=None)
 @given(t=st.integers(0, 39), bad=st.sampled_from([math.nan, math.inf]),
        in_loss=st.booleans())
 def test_a_nonfinite_step_leaves_the_statistics_as_they_were(t, bad, in_loss):
-    tx = guarded(warmup_steps=5)
+    tx = GUARDED_5
     norms = lognormal(1, 40)
     losses = np.ones(40)
     if in_loss:
         losses[t] = bad
     else:
         norms[t] = bad
-    state, skipped = run(tx, norms[: t + 1], losses[: t + 1])
-    clean, _ = run(tx, norms[:t], losses[:t]) if t else (tx.init(PARAMS), None)
+    # Every step's state from one scan (compiled once for all examples): the state after
+    # step t against the one after step t - 1 (the initial state for t = 0).
+    _, states = _scan_states(tx)(tx.init(PARAMS), (jnp.asarray(norms, jnp.float32),
+                                                   jnp.asarray(losses, jnp.float32)))
+    state = jax.tree.map(lambda x: x[t], states)
+    clean = jax.tree.map(lambda x: x[t - 1], states) if t else tx.init(PARAMS)
+    skipped = [int(state.skipped_steps) > int(clean.skipped_steps)]
     assert skipped[-1] and int(state.skipped_nonfinite) == 1
     for a, b in zip(jax.tree.leaves((clean.norms, clean.losses, clean.inner_state)),
                     jax.tree.leaves((state.norms, state.losses, state.inner_state)), strict=True):
@@ -170,6 +190,11 @@ def test_the_guard_itself_under_inject_hyperparams():
     assert int(gc.stats(state)["skipped_norm_spikes"]) == 2
 
 
+GUARDED_ADAMW = gc.skip_spikes(optax.chain(gc.percentile_clip(), optax.adamw(1e-2)),
+                               warmup_steps=3)
+GUARDED_ADAMW_UPDATE = jax.jit(GUARDED_ADAMW.update)
+
+
 @settings(max_examples=25, deadline=None)
 @given(params=hnp.arrays(np.float32, st.integers(1, 6),
                          # Subnormals excluded: XLA's CPU backend flushes them to zero in
@@ -179,9 +204,8 @@ def test_the_guard_itself_under_inject_hyperparams():
        spike=st.sampled_from([1e4, math.nan, math.inf]))
 def test_a_skipped_step_leaves_parameters_and_inner_state_bit_identical(params, spike):
     params = {"p": jnp.asarray(params).at[0].set(-0.0)}  # a negative zero, too
-    tx = gc.skip_spikes(optax.chain(gc.percentile_clip(), optax.adamw(1e-2)), warmup_steps=3)
+    tx, update = GUARDED_ADAMW, GUARDED_ADAMW_UPDATE  # compiled once per parameter length
     state = tx.init(params)
-    update = jax.jit(tx.update)
     for g in (1.0, 1.2, 0.9, 1.1):
         _, state = update({"p": jnp.full_like(params["p"], g)}, state, params)
     updates, new_state = update({"p": jnp.full_like(params["p"], spike)}, state, params)
