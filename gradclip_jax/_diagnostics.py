@@ -409,8 +409,9 @@ def _diagnose_one(name: str, found: _Found) -> list[Finding]:
             "percentile_clip(start=0.25), which cuts the first steps to about a quarter of "
             "the first norm while the norms fall, as a fixed threshold below them would, "
             "ended lower than the default with AdamW on a transformer LM (by 0.2%, within "
-            "0.2% of clip_by_global_norm(1.0)) and with Adam on an LSTM (by 1.3%, and by 3.9% "
-            "with injected gradient spikes): with Adam or AdamW, try it.",
+            "0.2% of clip_by_global_norm(1.0)), with Adam on an LSTM (by 1.3%, and by 3.9% "
+            "with injected gradient spikes) and on a vanilla RNN (by 2.5%, in 60 of 96 runs): "
+            "with Adam or AdamW, try it.",
         )
     if steps == 0:
         say("info", "no steps recorded yet.")
