@@ -6,6 +6,9 @@ Three optax transformations share one clipping core:
 - :func:`clip_by_value` clips each coordinate;
 - :func:`percentile_clip` clips at a running percentile of the recorded gradient norms.
 
+:func:`percentile_clipped` chains a percentile clip before an optimizer, its rule chosen for
+that optimizer.
+
 :func:`skip_spikes` wraps any transformation and skips the step on a spike or a NaN.
 
 Every one records diagnostics in its state (:class:`ClipState`), read with :func:`stats`,
@@ -15,6 +18,7 @@ Every one records diagnostics in its state (:class:`ClipState`), read with :func
 
 from importlib import metadata as _metadata
 
+from gradclip_jax._auto import percentile_clipped
 from gradclip_jax._core import ClipState
 from gradclip_jax._diagnostics import (
     Finding,
@@ -48,6 +52,7 @@ __all__ = [
     "log_stats",
     "norm_percentile",
     "percentile_clip",
+    "percentile_clipped",
     "skip_spikes",
     "stats",
 ]

@@ -32,7 +32,7 @@ def test_public_names_are_exactly_the_usable_ones():
         "ClipState", "Finding", "SkipState", "skip_spikes", "clip_by_global_norm",
         "clip_by_value", "diagnose",
         "find_clip_states", "global_norm", "host_stats", "log_stats", "norm_percentile",
-        "percentile_clip", "stats",
+        "percentile_clip", "percentile_clipped", "stats",
     ])
     for inert in ("LogMapping", "NormSketch", "MEDIAN_MULTIPLE"):
         assert not hasattr(gc, inert)

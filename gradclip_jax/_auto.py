@@ -1,0 +1,111 @@
+""":func:`percentile_clipped`: the percentile clip, with its rule chosen for the optimizer.
+
+A clip chained before an optimizer cannot see which optimizer it feeds, and on the training
+runs of ``gradclip-jax outcomes`` the best rule depended on it (README, "Which clip for which
+job"). This wrapper holds both, so it reads the optimizer's state once, at ``init``, and picks
+the rule measured best for it; its state is the ``optax.chain`` state of the two.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import optax
+
+from gradclip_jax._core import ScalarOrSchedule
+from gradclip_jax._diagnostics import _feeds_adam, _feeds_momentum_sgd, _is_optimizer_state
+from gradclip_jax._percentile import percentile_clip
+
+RULES: dict[str, dict[str, Any]] = {
+    "adam": {"start": 0.25},
+    "momentum": {"percentile": 90.0, "window": None},
+    "other": {},
+}
+"""The ``percentile_clip`` arguments chosen for each kind of optimizer (see ``rule_for``)."""
+
+
+def rule_for(opt_state: Any) -> str:
+    """The kind of optimizer whose (initial) state this is: ``"adam"`` when it keeps Adam's
+    state (an optax ``ScaleByAdamState``: adam, adamw, nadam), ``"momentum"`` for SGD with
+    momentum (a ``TraceState`` and no state of an optimizer that normalises the step), else
+    ``"other"`` (plain SGD, and optimizers the outcomes benchmark did not train)."""
+    states = jax.tree.leaves(opt_state, is_leaf=_is_optimizer_state)
+    names = tuple(type(s).__name__ for s in states if _is_optimizer_state(s))
+    if _feeds_adam(names):
+        return "adam"
+    if _feeds_momentum_sgd(names):
+        return "momentum"
+    return "other"
+
+
+def percentile_clipped(
+    optimizer: optax.GradientTransformation,
+    *,
+    max_norm: ScalarOrSchedule | None = None,
+    relative_accuracy: float = 0.01,
+    nonfinite: str = "zero",
+    axis_name: str | Sequence[str] | None = None,
+    name: str | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """``optax.chain(percentile_clip(...), optimizer)``, with the clip's rule chosen for the
+    optimizer, from its state, at ``init``.
+
+    Measured on ``gradclip-jax outcomes`` (README, "Training outcomes" and "Which clip for
+    which job"), paired by seed against fixed thresholds:
+
+    - Adam, AdamW, NAdam (an optax ``ScaleByAdamState``): ``percentile_clip(start=0.25)``.
+      It ended below the default on the transformer LM (AdamW), the LSTM (Adam) and the
+      vanilla RNN (Adam), within 0.16% of the best fixed threshold on the transformer at every
+      loss scale and 2.1% below it on the LSTM.
+    - SGD with momentum (an optax ``TraceState`` and no normalising state):
+      ``percentile_clip(90.0, window=None)``, which clips about one step in six. On the
+      vanilla RNN with momentum it lost no run and ended 1.4% to 11.6% below the best fixed
+      threshold on three sets of seeds, where the default ended up to 31% above it.
+    - Anything else (plain SGD, and optimizers not trained there): ``percentile_clip()``,
+      which ended 9% to 19% below the best fixed threshold on the plain-SGD RNN.
+
+    The state is the chain's, ``(clip_state, optimizer_state)``, so :func:`gradclip_jax.stats`,
+    :func:`gradclip_jax.diagnose` and ``optax.tree.get`` read it as they read a chain.
+    Optimizers whose step follows the gradient's scale (SGD) pass a change of the loss scale
+    on as a change of the learning rate; if the scale may change, give ``max_norm``.
+
+    Args:
+      optimizer: an optax ``GradientTransformation``; it follows the clip.
+      max_norm, relative_accuracy, nonfinite, axis_name, name: as for
+        :func:`gradclip_jax.percentile_clip`, whatever the rule.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs``.
+
+    Example:
+      >>> import jax.numpy as jnp, optax, gradclip_jax
+      >>> tx = gradclip_jax.percentile_clipped(optax.adamw(1e-3))
+      >>> params = {"w": jnp.ones(3)}
+      >>> state = tx.init(params)
+      >>> gradclip_jax.find_clip_states(state)[""].name.features  # Adam: the start
+      ('start',)
+    """
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError(
+            "optimizer must be an optax GradientTransformation (for example optax.adamw(1e-3)), "
+            f"got {type(optimizer).__name__} {optimizer!r}"
+        )
+    options: dict[str, Any] = dict(max_norm=max_norm, relative_accuracy=relative_accuracy,
+                                   nonfinite=nonfinite, axis_name=axis_name, name=name)
+    percentile_clip(**options)  # bad arguments fail here, at construction
+
+    def clip_for(opt_state: Any) -> optax.GradientTransformationExtraArgs:
+        return percentile_clip(**RULES[rule_for(opt_state)], **options)
+
+    def init_fn(params):
+        opt_state = optimizer.init(params)
+        return (clip_for(opt_state).init(params), opt_state)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        # The optimizer's state has the same types at every step, so the rule is the same.
+        chained = optax.chain(clip_for(state[1]), optimizer)
+        return chained.update(updates, state, params, **extra_args)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

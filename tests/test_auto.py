@@ -1,0 +1,95 @@
+"""percentile_clipped: the rule chosen for each optimizer, and the chain it then is."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import gradclip_jax as gc
+from gradclip_jax._auto import RULES, rule_for
+
+PARAMS = {"w": jnp.ones((5, 3)), "b": jnp.zeros(3)}
+
+OPTIMIZERS = {
+    "adam": (optax.adam(1e-2), "adam"),
+    "adamw": (optax.adamw(1e-2, b2=0.95), "adam"),
+    "nadam": (optax.nadam(1e-2), "adam"),
+    "injected_adamw": (optax.inject_hyperparams(optax.adamw)(learning_rate=1e-2), "adam"),
+    "momentum": (optax.sgd(1e-2, momentum=0.9), "momentum"),
+    "nesterov": (optax.sgd(1e-2, momentum=0.9, nesterov=True), "momentum"),
+    "momentum_schedule": (optax.sgd(optax.linear_schedule(0.0, 1e-2, 10), momentum=0.9),
+                          "momentum"),
+    "sgd": (optax.sgd(1e-2), "other"),
+    "rmsprop": (optax.rmsprop(1e-3), "other"),
+    "adafactor": (optax.adafactor(1e-2), "other"),
+}
+
+
+def grads(step):
+    # Norms that fall, then a spike: every rule clips some of these steps.
+    key = jax.random.key(step)
+    scale = 5.0 * 0.9**step + (50.0 if step == 17 else 0.0)
+    return jax.tree.map(lambda p: scale * jax.random.normal(key, p.shape), PARAMS)
+
+
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
+def test_the_rule_is_the_one_measured_for_the_optimizer(opt_name):
+    optimizer, kind = OPTIMIZERS[opt_name]
+    assert rule_for(optimizer.init(PARAMS)) == kind
+    state = gc.percentile_clipped(optimizer).init(PARAMS)
+    clip_state = gc.find_clip_states(state)[""]
+    assert clip_state.name.features == (("start",) if kind == "adam" else ())
+    assert (clip_state.recent is None) == (kind == "momentum")  # the classic rule: no window
+
+
+@pytest.mark.parametrize("opt_name", ["adamw", "momentum", "sgd"])
+def test_it_trains_bit_for_bit_as_the_chain_it_names(opt_name):
+    optimizer, kind = OPTIMIZERS[opt_name]
+    ours = gc.percentile_clipped(optimizer, max_norm=20.0)
+    theirs = optax.chain(gc.percentile_clip(**RULES[kind], max_norm=20.0), optimizer)
+    states = [ours.init(PARAMS), theirs.init(PARAMS)]
+    steps = [jax.jit(ours.update), jax.jit(theirs.update)]
+    clipped = 0
+    for t in range(30):
+        out = [step(grads(t), s, PARAMS) for step, s in zip(steps, states, strict=True)]
+        for a, b in zip(jax.tree.leaves(out[0]), jax.tree.leaves(out[1]), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        states = [o[1] for o in out]
+        clipped = int(gc.stats(states[0])["clipped_steps"])
+    assert clipped > 0  # the comparison covered clipped steps
+    assert jax.tree.structure(states[0]) == jax.tree.structure(states[1])
+
+
+def test_diagnose_reads_it_as_a_chain_and_does_not_suggest_what_it_chose():
+    for optimizer in (optax.adamw(1e-2), optax.sgd(1e-2, momentum=0.9)):
+        tx = gc.percentile_clipped(optimizer)
+        state = tx.init(PARAMS)
+        for t in range(25):
+            _, state = tx.update(grads(t), state, PARAMS)
+        messages = " ".join(f.message for f in gc.diagnose(state))
+        assert "percentile_clip(start=0.25)" not in messages  # Adam: it has the start
+        assert "TraceState" not in messages  # momentum: the classic rule, no window
+        assert int(gc.stats(state)["count"]) == 25
+        # The optax way reaches the clip's fields too (Adam's state also has a "count").
+        assert int(optax.tree.get(state, "clipped_steps")) == int(
+            gc.stats(state)["clipped_steps"]) > 0
+
+
+def test_under_skip_spikes_and_multisteps():
+    tx = optax.MultiSteps(gc.skip_spikes(gc.percentile_clipped(optax.adam(1e-2)),
+                                         warmup_steps=3), every_k_schedule=2)
+    state = tx.init(PARAMS)
+    update = jax.jit(tx.update)
+    for t in range(8):
+        _, state = update(grads(t), state, PARAMS, loss=jnp.float32(1.0))
+    assert int(gc.stats(state)["count"]) == 4  # the clip saw the 4 emitted steps
+
+
+def test_bad_arguments_fail_at_construction():
+    with pytest.raises(TypeError, match="optimizer must be an optax GradientTransformation"):
+        gc.percentile_clipped(optax.adam)  # the factory, not a transformation
+    with pytest.raises(ValueError, match=r"max_norm must be in \(0.0, inf\), got -1.0"):
+        gc.percentile_clipped(optax.adam(1e-3), max_norm=-1.0)
+    with pytest.raises(ValueError, match="nonfinite"):
+        gc.percentile_clipped(optax.adam(1e-3), nonfinite="skip")
