@@ -66,6 +66,10 @@ def percentile_clipped(
     - Anything else (plain SGD, and optimizers not trained there): ``percentile_clip()``,
       which ended 9% to 19% below the best fixed threshold on the plain-SGD RNN.
 
+    The kind is read from the state's types, not from hyperparameters: ``optax.sgd(lr,
+    momentum=0.0)`` keeps a ``TraceState`` (of decay 0) and counts as momentum; for plain SGD
+    leave ``momentum`` at optax's default, None.
+
     The state is the chain's, ``(clip_state, optimizer_state)``, so :func:`gradclip_jax.stats`,
     :func:`gradclip_jax.diagnose` and ``optax.tree.get`` read it as they read a chain.
     Optimizers whose step follows the gradient's scale (SGD) pass a change of the loss scale

@@ -21,6 +21,7 @@ OPTIMIZERS = {
     "momentum_schedule": (optax.sgd(optax.linear_schedule(0.0, 1e-2, 10), momentum=0.9),
                           "momentum"),
     "sgd": (optax.sgd(1e-2), "other"),
+    "sgd_momentum_0": (optax.sgd(1e-2, momentum=0.0), "momentum"),  # a TraceState: documented
     "rmsprop": (optax.rmsprop(1e-3), "other"),
     "adafactor": (optax.adafactor(1e-2), "other"),
 }
