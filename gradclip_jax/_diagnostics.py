@@ -411,7 +411,8 @@ def _diagnose_one(name: str, found: _Found) -> list[Finding]:
             "ended lower than the default with AdamW on a transformer LM (by 0.2%, within "
             "0.2% of clip_by_global_norm(1.0)), with Adam on an LSTM (by 1.3%, and by 3.9% "
             "with injected gradient spikes) and on a vanilla RNN (by 2.5%, in 60 of 96 runs): "
-            "with Adam or AdamW, try it.",
+            "with Adam or AdamW, try it (gradclip_jax.percentile_clipped(optimizer) picks "
+            "it for Adam, AdamW and NAdam).",
         )
     if steps == 0:
         say("info", "no steps recorded yet.")

@@ -306,6 +306,7 @@ def test_the_default_feeding_adam_names_the_start(optimizer):
     (finding,) = _adam_start_findings(optax.chain(gc.percentile_clip(), optimizer))
     assert finding.level == "info"
     assert "percentile_clip(start=0.25)" in finding.message
+    assert "percentile_clipped(optimizer)" in finding.message
     assert len(_adam_start_findings(optax.MultiSteps(
         optax.chain(gc.percentile_clip(), optimizer), 2))) == 1
 
