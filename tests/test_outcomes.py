@@ -162,6 +162,18 @@ def test_seeds_sets_the_runs_per_learning_rate_in_every_task(name):
         (100, 101, 102)}
 
 
+@pytest.mark.parametrize("name", ["transformer", "lstm", "rnn"])
+def test_quick_programs_compile_with_fewer_llvm_passes_and_full_ones_with_xlas_default(name):
+    # --quick runs in CI under a time limit; the full runs' committed figures must reproduce.
+    assert tasks.TASKS[name](quick=True).compiler_options == tasks.QUICK_COMPILER_OPTIONS
+    assert tasks.TASKS[name](quick=False).compiler_options == ()
+    # XLA still knows the option (an unknown one fails the compile).
+    f = jax.jit(lambda x: jnp.tanh(x) * 2.0, compiler_options=dict(tasks.QUICK_COMPILER_OPTIONS))
+    np.testing.assert_allclose(f(jnp.ones(3)), 2.0 * np.tanh(np.ones(3)), rtol=1e-6)
+    with pytest.raises(Exception, match="no_such_xla_option"):
+        jax.jit(lambda x: x + 1.0, compiler_options={"no_such_xla_option": 1})(jnp.ones(3))
+
+
 def test_text_data_is_real_english_available_offline():
     data = tasks.text_bytes()
     assert data.size > 400_000

@@ -84,10 +84,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Trains a byte-level transformer LM (Flax NNX), an LSTM LM and a vanilla "
         "RNN under no clipping, fixed thresholds, AutoClip, ZClip and the percentile clip, "
         "paired by seed and vmapped over learning rates and seeds; writes a Markdown table, "
-        "JSON and PNG plots. About 3 min with --quick, up to 45 min in full on 2 CPU cores.",
+        "JSON and PNG plots. About 2 min with --quick, up to 45 min in full on 2 CPU cores.",
     )
     outcomes.add_argument("--quick", action="store_true",
-                          help="small models and short runs: a smoke run for CI")
+                          help="small models (a 1-layer transformer) and short runs: a smoke run "
+                          "for CI")
     outcomes.add_argument("--out", default="gradclip-outcomes",
                           help="folder for outcomes.md, outcomes.json and the plots "
                           "(default: %(default)s)")

@@ -157,7 +157,8 @@ def run_family(task: Task, family: Family) -> dict[str, np.ndarray]:
     one = lambda p, a: _train_one(task, family, p, a)  # noqa: E731
     over_arms = jax.vmap(one, in_axes=(None, 0))
     train_loss, norm, threshold, skipped, val = jax.jit(
-        jax.vmap(over_arms, in_axes=(0, None)))(values, arms)
+        jax.vmap(over_arms, in_axes=(0, None)),
+        compiler_options=dict(task.compiler_options) or None)(values, arms)
     return {"train_loss": np.asarray(train_loss), "grad_norm": np.asarray(norm),
             "threshold": np.asarray(threshold), "skipped": np.asarray(skipped),
             "val_loss": np.asarray(val)}
