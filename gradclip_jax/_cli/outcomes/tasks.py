@@ -5,7 +5,8 @@ program can run many (policy, learning rate, seed, scenario) combinations side b
 
 - ``transformer``: a 2-layer (1 with ``--quick``) decoder-only byte-level language model in
   Flax NNX, on English text that ships with CPython (the language reference in
-  ``pydoc_data.topics``, 466 KB; the last 10% is held out for validation). AdamW (b2 = 0.95), linear warmup then cosine.
+  ``pydoc_data.topics``, 466 KB; the last 10% is held out for validation). AdamW
+  (b2 = 0.95), linear warmup then cosine.
 - ``lstm``: a byte-level LSTM language model on the same text, with Adam, warmup + cosine.
 - ``rnn``: the vanilla tanh RNN of the demo on the adding problem (spectral radius 1.3),
   plain SGD and SGD with momentum 0.9, after a linear warmup.
