@@ -11,11 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import optax
 
 from gradclip_jax._core import ScalarOrSchedule
-from gradclip_jax._diagnostics import _feeds_adam, _feeds_momentum_sgd, _is_optimizer_state
+from gradclip_jax._diagnostics import optimizer_kind, optimizer_state_names
 from gradclip_jax._percentile import percentile_clip
 
 RULES: dict[str, dict[str, Any]] = {
@@ -31,13 +30,7 @@ def rule_for(opt_state: Any) -> str:
     state (an optax ``ScaleByAdamState``: adam, adamw, nadam), ``"momentum"`` for SGD with
     momentum (a ``TraceState`` and no state of an optimizer that normalises the step), else
     ``"other"`` (plain SGD, and optimizers the outcomes benchmark did not train)."""
-    states = jax.tree.leaves(opt_state, is_leaf=_is_optimizer_state)
-    names = tuple(type(s).__name__ for s in states if _is_optimizer_state(s))
-    if _feeds_adam(names):
-        return "adam"
-    if _feeds_momentum_sgd(names):
-        return "momentum"
-    return "other"
+    return optimizer_kind(optimizer_state_names(opt_state))
 
 
 def percentile_clipped(

@@ -105,16 +105,26 @@ def _locate(opt_state: Any) -> list[_Found]:
     return found
 
 
-def _feeds_momentum_sgd(feeds: tuple[str, ...]) -> bool:
-    """A momentum trace follows the clip, and no state of an optimizer that normalises the
-    step by the gradient's scale (Adam, RMSProp, Adafactor, Lion...; a schedule does not)."""
-    normalising = [n for n in feeds if n != "ScaleByScheduleState" and n != "TraceState"]
-    return "TraceState" in feeds and not normalising
+def optimizer_kind(states: tuple[str, ...]) -> str:
+    """The kind of optimizer whose optax state types are named in ``states`` (those that
+    follow a clip in its chain, or all of an optimizer's): ``"adam"`` when one is Adam's
+    (optax.adam, adamw and nadam keep a ``ScaleByAdamState``); ``"momentum"`` for a momentum
+    trace (``TraceState``) with no state of an optimizer that normalises the step by the
+    gradient's scale (Adam, RMSProp, Adafactor, Lion...; a schedule does not); else
+    ``"other"``. :func:`gradclip_jax.percentile_clipped` picks its rule by it, and
+    :func:`gradclip_jax.diagnose` says what was measured for the kind a clip feeds."""
+    if "ScaleByAdamState" in states:
+        return "adam"
+    normalising = [n for n in states if n not in ("ScaleByScheduleState", "TraceState")]
+    if "TraceState" in states and not normalising:
+        return "momentum"
+    return "other"
 
 
-def _feeds_adam(feeds: tuple[str, ...]) -> bool:
-    """Adam's state follows the clip (optax.adam, adamw and nadam keep a ScaleByAdamState)."""
-    return "ScaleByAdamState" in feeds
+def optimizer_state_names(opt_state: Any) -> tuple[str, ...]:
+    """The type names of the optax optimizer states in ``opt_state``, in order."""
+    states = jax.tree.leaves(opt_state, is_leaf=_is_optimizer_state)
+    return tuple(type(s).__name__ for s in states if _is_optimizer_state(s))
 
 
 def _keyed(found: list[_Found], opt_state: Any, *, required: bool = True) -> dict[str, _Found]:
@@ -386,7 +396,8 @@ def _diagnose_one(name: str, found: _Found) -> list[Finding]:
             "and its threshold acts on the step size. Put gradclip_jax's clip first: "
             "optax.chain(clip, optimizer).",
         )
-    if s.recent is not None and found.after is None and _feeds_momentum_sgd(found.feeds):
+    kind = optimizer_kind(found.feeds)
+    if s.recent is not None and found.after is None and kind == "momentum":
         say(
             "info",
             "this windowed percentile clip feeds SGD with momentum (optax TraceState). "
@@ -400,8 +411,7 @@ def _diagnose_one(name: str, found: _Found) -> list[Finding]:
             + (" Its start (start=) cost there as well: ended 25% and 11% above the default "
                "on two sets of seeds; with momentum, leave it off." if started else ""),
         )
-    if (s.recent is not None and found.after is None and not started
-            and _feeds_adam(found.feeds)):
+    if s.recent is not None and found.after is None and not started and kind == "adam":
         say(
             "info",
             "this windowed percentile clip feeds Adam (optax ScaleByAdamState) and has no "
