@@ -187,7 +187,8 @@ def init_state(
         clip_rate_recent=jnp.zeros((), f32),
         clip_rate_long=jnp.zeros((), f32),
         histogram=sketch_init(relative_accuracy, weighted=weighted),
-        recent=sketch_init(relative_accuracy, weighted=True) if recent else None,
+        # The recent sketch records the same norms as the histogram, whose count it shares.
+        recent=sketch_init(relative_accuracy, weighted=True, counted=False) if recent else None,
         name=ClipName(name, measure, features),
     )
 
@@ -332,7 +333,8 @@ def clip_transformation(
             clip_rate_long=_moving_average(state.clip_rate_long, clipped, LONG_RATE, count),
             histogram=sketch_add(state.histogram, recorded, finite, decay),
             recent=(None if state.recent is None
-                    else sketch_add(state.recent, recorded, finite, recent_decay)),
+                    else sketch_add(state.recent, recorded, finite, recent_decay,
+                                    recorded=state.histogram.count)),
             name=state.name,
         )
         return new_updates, new_state

@@ -44,7 +44,8 @@ def _leaf(x: Any) -> jax.Array:
 
 
 def _plain_sketch(sketch: NormSketch) -> NormSketch:
-    return NormSketch(cumulative=_leaf(sketch.cumulative), recorded=_leaf(sketch.recorded),
+    recorded = None if sketch.recorded is None else _leaf(sketch.recorded)
+    return NormSketch(cumulative=_leaf(sketch.cumulative), recorded=recorded,
                       relative_accuracy=sketch.relative_accuracy)
 
 

@@ -85,7 +85,7 @@ class PercentileRule(_core.ThresholdRule):
             multiple = WINDOW_MEDIAN_MULTIPLE
         adaptive = jnp.minimum(upper, multiple * median)
         warmup = jnp.maximum(self.warmup_steps, 1)
-        ready = hist.recorded >= warmup
+        ready = hist.count >= warmup
         value = jnp.where(ready, adaptive, _core.NO_THRESHOLD)
         had_threshold = state.threshold < _core.NO_THRESHOLD
         rise = jnp.float32(MAX_RISE_PER_STEP)
@@ -99,7 +99,7 @@ class PercentileRule(_core.ThresholdRule):
                         & (start * adaptive <= START_END_MULTIPLE * state.threshold))
             rise = jnp.where(starting, jnp.float32(START_RISE_PER_STEP), rise)
         if self.freeze_after is not None:
-            frozen = hist.recorded > jnp.maximum(self.freeze_after, self.warmup_steps)
+            frozen = hist.count > jnp.maximum(self.freeze_after, self.warmup_steps)
             value = jnp.where(frozen, state.threshold, value)
         value = jnp.minimum(value, jnp.where(had_threshold, state.threshold * rise, value))
         if self.max_norm is not None:

@@ -39,17 +39,28 @@ class NormSketch:
     Attributes:
       cumulative: nondecreasing; entry ``i`` is the weight recorded in buckets ``0..i``
         (so the last is the total), int32 (no forgetting) or float32 (with ``decay``).
-      recorded: int32, how many norms were recorded (not decayed, not halved).
+      recorded: int32, how many norms were recorded (not decayed, not halved); None for a
+        sketch that records the same values as another, which keeps the count for both (the
+        percentile clip's recent sketch and its histogram: inside a jitted training loop a
+        second counter was two more kernels of a small model's step).
       relative_accuracy: static; the accuracy of the bucket mapping.
     """
 
     cumulative: jax.Array
-    recorded: jax.Array
+    recorded: jax.Array | None
     relative_accuracy: float = dataclasses.field(metadata=dict(static=True), default=0.01)
 
     @property
     def mapping(self) -> LogMapping:
         return LogMapping(self.relative_accuracy)
+
+    @property
+    def count(self) -> jax.Array:
+        """``recorded``, for a sketch that keeps its own count."""
+        if self.recorded is None:
+            raise ValueError("this sketch keeps no count of its own (another sketch of the "
+                             "same values keeps it)")
+        return self.recorded
 
     @property
     def counts(self) -> jax.Array:
@@ -58,20 +69,32 @@ class NormSketch:
         return jnp.concatenate([c[..., :1], c[..., 1:] - c[..., :-1]], axis=-1)
 
 
-def sketch_init(relative_accuracy: float, *, weighted: bool) -> NormSketch:
+def sketch_init(relative_accuracy: float, *, weighted: bool, counted: bool = True) -> NormSketch:
+    """An empty sketch; ``counted=False`` keeps no ``recorded`` count (another sketch of the
+    same values keeps it, and ``sketch_add`` is given it)."""
     mapping = LogMapping(relative_accuracy)
     dtype = jnp.float32 if weighted else jnp.int32
     return NormSketch(
         cumulative=jnp.zeros((mapping.num_buckets,), dtype),
-        recorded=jnp.zeros((), jnp.int32),
+        recorded=jnp.zeros((), jnp.int32) if counted else None,
         relative_accuracy=relative_accuracy,
     )
 
 
 def sketch_add(
-    sketch: NormSketch, value: jax.Array, valid: jax.Array, decay: jax.Array | float | None
+    sketch: NormSketch, value: jax.Array, valid: jax.Array, decay: jax.Array | float | None,
+    recorded: jax.Array | None = None,
 ) -> NormSketch:
-    """Records ``value`` if ``valid``; with ``decay``, first scales every count by it."""
+    """Records ``value`` if ``valid``; with ``decay``, first scales every count by it.
+
+    ``recorded``: for a sketch that keeps no count of its own, the count of values recorded
+    before this one, kept by another sketch of the same values (it schedules the halving).
+    """
+    if sketch.recorded is not None:
+        recorded = sketch.recorded
+    elif recorded is None:
+        raise ValueError("this sketch keeps no count of its own: pass the count of values "
+                         "recorded before this one as recorded=")
     cumulative = sketch.cumulative
     if decay is not None:
         cumulative = jnp.where(valid, cumulative * jnp.asarray(decay, cumulative.dtype),
@@ -79,15 +102,16 @@ def sketch_add(
     halved = cumulative // 2 if cumulative.dtype == jnp.int32 else cumulative * 0.5
     # Before the recorded count reaches each multiple of the period: the total is then at
     # most twice the period (it halves from at most 2p to p, and p more values are added).
-    due = valid & ((sketch.recorded + 1) % _HALVE_EVERY[cumulative.dtype] == 0)
+    due = valid & ((recorded + 1) % _HALVE_EVERY[cumulative.dtype] == 0)
     cumulative = jnp.where(due, halved, cumulative)
     # +1 from the value's bucket on: an elementwise pass that fuses with the halving (and
     # the decay), where a scatter would be a kernel of its own.
     from_bucket = jnp.arange(cumulative.shape[0], dtype=jnp.int32) >= sketch.mapping.index(value)
     cumulative = cumulative + (from_bucket & valid).astype(cumulative.dtype)
-    return dataclasses.replace(
-        sketch, cumulative=cumulative, recorded=sketch.recorded + valid.astype(jnp.int32)
-    )
+    if sketch.recorded is not None:
+        recorded = sketch.recorded + valid.astype(jnp.int32)
+    return dataclasses.replace(sketch, cumulative=cumulative,
+                               recorded=None if sketch.recorded is None else recorded)
 
 
 _BLOCK = 32

@@ -85,13 +85,13 @@ def _is_spike(sketch: NormSketch, value: jax.Array, k: Any, min_ratio: Any,
               warmup: Any) -> jax.Array:
     log_median, sigma = _log_median_and_sigma(sketch)
     log_limit = log_median + jnp.maximum(k * sigma, jnp.log(jnp.float32(min_ratio)))
-    ready = sketch.recorded >= warmup
+    ready = sketch.count >= warmup
     return ready & (jnp.log(jnp.maximum(value, 1e-30)) > log_limit)
 
 
 def _restart(sketch: NormSketch) -> NormSketch:
     return dataclasses.replace(sketch, cumulative=jnp.zeros_like(sketch.cumulative),
-                               recorded=jnp.zeros_like(sketch.recorded))
+                               recorded=jnp.zeros_like(sketch.count))
 
 
 def _is_traceable(x: Any) -> bool:

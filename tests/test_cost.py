@@ -270,7 +270,8 @@ def test_percentile_clip_adds_few_kernels_to_a_tiny_models_step():
     # so recording a value is one elementwise pass, and a quantile a two-level search of
     # them (two kernels, both sketches at once), with no prefix sum per step; the rule is
     # evaluated once (the state's threshold comes out of the computed_once barrier).
-    # Measured: 41 kernels against the norm clip's 37 (43 against 39 before a small model's
+    # Measured: 40 kernels against the norm clip's 37 (41 while the recent sketch kept a
+    # count of its own, the histogram's twin; 43 against 39 before a small model's
     # tree was joined whole; 45 when every bucket was compared,
     # whose sum took a cascade of three; 56 with a prefix sum of two matmuls per step, 81
     # with jnp.cumsum).
@@ -278,7 +279,7 @@ def test_percentile_clip_adds_few_kernels_to_a_tiny_models_step():
 
     params = tiny_mlp(jnp.float32)
     norm = _kernels(gc.clip_by_global_norm(1.0), params)
-    assert _kernels(gc.percentile_clip(), params) <= norm + 4
+    assert _kernels(gc.percentile_clip(), params) <= norm + 3
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -353,7 +354,7 @@ def test_a_larger_model_joins_only_its_small_leaves():
 @pytest.mark.parametrize("clip,arrays", [
     (lambda: gc.clip_by_global_norm(1.0), 9),
     (lambda: gc.clip_by_value(1.0), 9),
-    (lambda: gc.percentile_clip(), 11),
+    (lambda: gc.percentile_clip(), 10),
     (lambda: gc.percentile_clip(window=None), 9),
 ])
 def test_state_is_a_few_arrays_whatever_the_tree(clip, arrays):

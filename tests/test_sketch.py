@@ -137,6 +137,42 @@ def test_counts_keep_increasing_in_long_runs(weighted, decay):
     assert float(sketch_quantile(sketch, 0.9)) == pytest.approx(before, rel=0.03)
 
 
+def test_a_sketch_without_its_own_count_halves_on_the_count_it_is_given():
+    # The percentile clip's recent sketch records the same norms as its histogram and reads
+    # the halving schedule from the histogram's count instead of keeping a second counter.
+    period = 2**22
+    counts = sketch_init(0.01, weighted=True).counts.at[1000].set(float(period))
+    counted = dataclasses.replace(sketch_init(0.01, weighted=True), cumulative=jnp.cumsum(
+        counts), recorded=jnp.asarray(period - 2, jnp.int32))
+    uncounted = dataclasses.replace(sketch_init(0.01, weighted=True, counted=False),
+                                    cumulative=jnp.cumsum(counts))
+    assert uncounted.recorded is None and not jax.tree.leaves(uncounted.recorded)
+    value, valid = uncounted.mapping.value(1000), jnp.bool_(True)
+    for step in range(3):  # the halving is due at the second value (count period - 1 + 1)
+        given = jnp.asarray(period - 2 + step, jnp.int32)
+        new_counted = sketch_add(counted, value, valid, 0.99)
+        new_uncounted = sketch_add(uncounted, value, valid, 0.99, recorded=given)
+        np.testing.assert_array_equal(new_uncounted.cumulative, new_counted.cumulative)
+        assert new_uncounted.recorded is None
+        counted, uncounted = new_counted, new_uncounted
+    assert float(counted.cumulative[-1]) < 0.6 * period  # halved once, on the schedule
+    with pytest.raises(ValueError, match="recorded="):
+        sketch_add(uncounted, value, valid, 0.99)
+    with pytest.raises(ValueError, match="no count of its own"):
+        _ = uncounted.count
+
+
+def test_the_percentile_clips_recent_sketch_shares_the_histograms_count():
+    tx = gc.percentile_clip()
+    state = tx.init({"w": jnp.zeros(2)})
+    assert state.recent.recorded is None
+    for norm in (1.0, float("nan"), 2.0):
+        _, state = tx.update({"w": jnp.array([norm, 0.0])}, state)
+    assert int(state.histogram.recorded) == 2  # the NaN step is not recorded
+    # Both sketches hold the same two norms (the recent one with decayed weights).
+    assert float(state.recent.cumulative[-1]) == pytest.approx(1.0 + (1.0 - 1.0 / 20))
+
+
 def test_decay_forgets_old_values():
     old = np.full(1000, 1.0)
     new = np.full(200, 100.0)
