@@ -26,12 +26,12 @@ from gradclip_jax._cli import bench, shapes
 LOOP = 100
 
 
+shipped_init = _core.sketch_init
+
+
 def _counted_init(relative_accuracy, *, weighted, counted=True):
     del counted  # the layout before: every sketch keeps its own count
     return shipped_init(relative_accuracy, weighted=weighted)
-
-
-shipped_init = _core.sketch_init
 
 
 def main(seconds: float) -> None:

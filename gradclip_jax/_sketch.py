@@ -14,7 +14,8 @@ are float32 and their total converges to ``1 / (1 - decay)``. So that counts nev
 stop increasing late in a long run, every count is halved once per 2**22 recorded values for
 float32 counts and once per 2**29 for int32 ones, which keeps the total under 2**23 (where a
 float32 count of 2**24 would swallow ``+1``) and under 2**30 (before an int32 total could
-wrap). The schedule is read from ``recorded``, a scalar, so no step sums the counts to decide.
+wrap). The schedule is read from ``recorded``, a scalar (for a sketch that keeps none, from
+the count of the sketch of the same values that does), so no step sums the counts to decide.
 Halving keeps the ratios between counts, and so the quantiles, up to rounding.
 """
 
@@ -41,8 +42,8 @@ class NormSketch:
         (so the last is the total), int32 (no forgetting) or float32 (with ``decay``).
       recorded: int32, how many norms were recorded (not decayed, not halved); None for a
         sketch that records the same values as another, which keeps the count for both (the
-        percentile clip's recent sketch and its histogram: inside a jitted training loop a
-        second counter was two more kernels of a small model's step).
+        percentile clip's recent sketch and its histogram: a second counter was one more
+        array for each jitted call to take and return, and two more kernels inside a loop).
       relative_accuracy: static; the accuracy of the bucket mapping.
     """
 
