@@ -13,7 +13,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import gradclip_jax as gc
@@ -40,12 +39,7 @@ def main(seconds: float) -> None:
                 fns[name if name == "optax clip" else f"{name}, {label}"] = run
         _norms.TINY_TREE = shipped
         times = bench.interleaved_times(fns, 50, budget_s=seconds)
-        print(f"\n{dname}, {len(times['optax clip'])} rounds\n")
-        print("| step | us per step | over optax's clip |\n|---|---|---|")
-        for name, t in times.items():
-            r = bench.paired_ratio(t, times["optax clip"])
-            print(f"| {name} | {np.median(t) * 1e6 / LOOP:.2f} | {r['ratio']:.3f}x "
-                  f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] |")
+        print(bench.side_by_side(times, "optax clip", LOOP, dname))
 
 
 if __name__ == "__main__":

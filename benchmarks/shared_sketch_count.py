@@ -16,7 +16,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import gradclip_jax as gc
@@ -50,12 +49,7 @@ def main(seconds: float) -> None:
             _core.sketch_init = shipped_init
             times = bench.interleaved_times(fns, 50, budget_s=seconds)
             how = f"{LOOP} steps in a jitted loop" if loop else "one call per step"
-            print(f"\n{dname}, {how}, {len(times['norm clip'])} rounds\n")
-            print("| step | us per step | over the norm clip's |\n|---|---|---|")
-            for name, t in times.items():
-                r = bench.paired_ratio(t, times["norm clip"])
-                print(f"| {name} | {np.median(t) * 1e6 / (loop or 1):.2f} | {r['ratio']:.3f}x "
-                      f"[{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] |")
+            print(bench.side_by_side(times, "norm clip", loop or 1, f"{dname}, {how}"))
 
 
 if __name__ == "__main__":

@@ -297,6 +297,17 @@ def test_interleaved_timing_runs_at_least_the_repeats_and_fills_the_budget():
     assert {("a", "b"), ("b", "a")} <= set(rounds)
 
 
+def test_side_by_side_tables_each_step_per_step_and_against_the_reference():
+    from gradclip_jax._cli.bench import side_by_side
+
+    reference = np.linspace(1e-3, 2e-3, 9)  # seconds per call of 100 steps
+    text = side_by_side({"before": reference, "after": 1.25 * reference}, "before", 100, "f32")
+    lines = text.strip().splitlines()
+    assert lines[0] == "f32, 9 rounds"
+    assert lines[-2] == "| before | 15.00 | 1.000x [1.000, 1.000] |"
+    assert lines[-1] == "| after | 18.75 | 1.250x [1.250, 1.250] |"
+
+
 def test_paired_ratio_cancels_a_slow_spell_and_brackets_the_median():
     from gradclip_jax._cli.bench import paired_ratio
 

@@ -115,6 +115,20 @@ def paired_ratio(times: np.ndarray, reference: np.ndarray) -> dict[str, Any]:
             "ci": [round(float(ratios[lo]), 3), round(float(ratios[hi]), 3)]}
 
 
+def side_by_side(times: dict[str, np.ndarray], reference: str, steps_per_call: int = 1,
+                 title: str = "") -> str:
+    """A Markdown table of interleaved step times (``interleaved_times``): each step's median
+    time per step, and its paired ratio to ``reference``'s, for the before/after scripts of
+    ``benchmarks/``."""
+    lines = [f"\n{title}, {len(times[reference])} rounds\n",
+             f"| step | us per step | over the {reference}'s |", "|---|---|---|"]
+    for name, t in times.items():
+        r = paired_ratio(t, times[reference])
+        lines.append(f"| {name} | {np.median(t) * 1e6 / steps_per_call:.2f} | "
+                     f"{r['ratio']:.3f}x [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}] |")
+    return "\n".join(lines)
+
+
 LOOP_STEPS = 100
 LOOPED_BELOW_MS = 1.0
 """Trees whose adam step is faster are also timed with the state donated, and in a jitted
