@@ -56,7 +56,7 @@ def table(title: str, logs: dict, arm_lr: np.ndarray, idx: list[int]) -> None:
     """Markdown rows of the runs ``idx``, each policy against the default, paired by run."""
     finals = {p: harness.final_val({k: v[idx] for k, v in m.items()}) for p, m in logs.items()}
     ref = finals[harness.DEFAULT]
-    rng = np.random.default_rng(0)
+    resampled = harness._bootstrap_runs(len(ref))  # the outcomes tables' paired bootstrap
     lr = arm_lr[idx]
     rates = sorted(set(lr.tolist()))
     print(f"### {title} ({len(idx)} runs per policy; learning rates {rates})\n")
@@ -66,8 +66,7 @@ def table(title: str, logs: dict, arm_lr: np.ndarray, idx: list[int]) -> None:
     for p, m in logs.items():
         sub = {k: v[idx] for k, v in m.items()}
         d = finals[p] - ref
-        boot = [d[rng.integers(0, len(d), len(d))].mean() for _ in range(4000)]
-        lo, hi = (100 * np.percentile(boot, q) / ref.mean() for q in (2.5, 97.5))
+        lo, hi = harness._relative_ci(finals[p], ref, resampled)
         per = " / ".join(f"{finals[p][lr == r].mean():.4f}" for r in rates)
         print(f"| `{p}` | {finals[p].mean():.4f} | {100 * d.mean() / ref.mean():+.1f}% "
               f"[{lo:+.1f}, {hi:+.1f}] | {(d < 0).sum()} of {len(d)} "
