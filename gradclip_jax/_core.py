@@ -70,9 +70,10 @@ class ClipState(NamedTuple):
       count: int32, update steps seen, finite or not.
       threshold: float32, the threshold applied at the last step (``NO_THRESHOLD`` when none).
       grad_norm: float32, global L2 norm of the last finite unclipped update, whatever the
-        clip compares with its threshold.
+        clip compares with its threshold (float32's largest value when the norm overflows it).
       clipped_steps: int32, steps on which the update was changed by the threshold.
-      nonfinite_steps: int32, steps whose update held a NaN or an Inf.
+      nonfinite_steps: int32, steps whose update held a NaN or an Inf (for an L2-norm clip,
+        also those whose norm overflows float32, from about 1.8e19).
       clip_rate_recent: float32, moving average of "this step was clipped" over ~20 steps.
       clip_rate_long: float32, the same over ~500 steps.
       histogram: the sketch (a fixed-size histogram) of the measure the threshold is compared
@@ -304,8 +305,12 @@ def clip_transformation(
         if measures is None:
             measures = _norms.reduce_tree(updates, kinds, axis_name)
         l2 = _norms.l2_from(measures).astype(jnp.float32)
-        finite = jnp.isfinite(l2)
         measured = apply.measure(measures)
+        # The sum of squares is NaN exactly when an element is (XLA's CPU max may skip one),
+        # and infinite when one is infinite or when the L2 norm overflows float32 (elements
+        # from about 1.8e19). The measured value is infinite when an element is, so a clip
+        # measuring magnitudes (the value clip, ord 1 or inf) still clips a finite 1e30.
+        finite = ~jnp.isnan(l2) & jnp.isfinite(measured)
         clipped = finite & (measured > threshold)
         # The histograms hold what the threshold is compared with, so that their percentiles
         # are thresholds of this clip; the same value as l2 for the L2-norm clips.
@@ -325,7 +330,9 @@ def clip_transformation(
         new_state = ClipState(
             count=count,
             threshold=jnp.where(threshold < NO_THRESHOLD, threshold, NO_THRESHOLD),
-            grad_norm=jnp.where(finite, l2, state.grad_norm),
+            # A finite update whose L2 norm overflows float32 (the value clip's 1e30) records
+            # float32's largest value, so that the state never holds an Inf.
+            grad_norm=jnp.where(finite, jnp.minimum(l2, NO_THRESHOLD), state.grad_norm),
             clipped_steps=state.clipped_steps + clipped.astype(jnp.int32),
             nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
             clip_rate_recent=_moving_average(state.clip_rate_recent, clipped, RECENT_RATE,

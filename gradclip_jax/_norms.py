@@ -7,9 +7,11 @@ upcast before it is squared, so a float16 gradient can never overflow (65504**2 
 realistic element count fits in float32). bfloat16 shares float32's exponent range, so its
 squares can overflow float32 even when the norm fits: bfloat16 leaves are summed as squares of
 ``x * 2**-16``, which keeps norms up to about 1.2e24 finite. float32 leaves keep a plain sum
-of squares, representable up to a norm of about 1.8e19; above either bound the gradient is
-reported as non-finite (detecting the case exactly would cost a second pass over every
-gradient, to handle one that has already diverged).
+of squares, representable up to a norm of about 1.8e19; above either bound an L2-norm clip
+reports the gradient as non-finite (detecting the case exactly would cost a second pass over
+every gradient, to handle one that has already diverged). A clip that compares another
+measure with its threshold (the value clip's largest magnitude, ``ord`` 1 or inf) checks that
+measure for overflow instead, at no cost.
 
 Each measure of a leaf is one single-output reduction, the form every XLA backend compiles
 best; leaves of at most ``SMALL_LEAF`` elements are first joined into one vector per dtype,
