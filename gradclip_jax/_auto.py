@@ -15,6 +15,7 @@ import optax
 
 from gradclip_jax._core import ScalarOrSchedule
 from gradclip_jax._diagnostics import optimizer_kind, optimizer_state_names
+from gradclip_jax._mapping import DEFAULT_RANGE
 from gradclip_jax._percentile import percentile_clip
 
 RULES: dict[str, dict[str, Any]] = {
@@ -38,6 +39,7 @@ def percentile_clipped(
     *,
     max_norm: ScalarOrSchedule | None = None,
     relative_accuracy: float = 0.01,
+    norm_range: tuple[float, float] = DEFAULT_RANGE,
     nonfinite: str = "zero",
     axis_name: str | Sequence[str] | None = None,
     name: str | None = None,
@@ -70,7 +72,7 @@ def percentile_clipped(
 
     Args:
       optimizer: an optax ``GradientTransformation``; it follows the clip.
-      max_norm, relative_accuracy, nonfinite, axis_name, name: as for
+      max_norm, relative_accuracy, norm_range, nonfinite, axis_name, name: as for
         :func:`gradclip_jax.percentile_clip`, whatever the rule.
 
     Returns:
@@ -90,7 +92,8 @@ def percentile_clipped(
             f"got {type(optimizer).__name__} {optimizer!r}"
         )
     options: dict[str, Any] = dict(max_norm=max_norm, relative_accuracy=relative_accuracy,
-                                   nonfinite=nonfinite, axis_name=axis_name, name=name)
+                                   norm_range=norm_range, nonfinite=nonfinite,
+                                   axis_name=axis_name, name=name)
     percentile_clip(**options)  # bad arguments fail here, at construction
 
     def clip_for(opt_state: Any) -> optax.GradientTransformationExtraArgs:

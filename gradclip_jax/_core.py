@@ -35,6 +35,7 @@ import optax
 from jax import lax
 
 from gradclip_jax import _norms
+from gradclip_jax._mapping import DEFAULT_RANGE
 from gradclip_jax._sketch import NormSketch, sketch_add, sketch_init
 from gradclip_jax._validation import is_traced
 
@@ -177,6 +178,7 @@ class Apply(abc.ABC):
 def init_state(
     relative_accuracy: float, *, weighted: bool, recent: bool = False, name: str | None = None,
     measure: str = L2_NORM, features: tuple[str, ...] = (),
+    value_range: tuple[float, float] = DEFAULT_RANGE,
 ) -> ClipState:
     f32 = jnp.float32
     return ClipState(
@@ -187,9 +189,10 @@ def init_state(
         nonfinite_steps=jnp.zeros((), jnp.int32),
         clip_rate_recent=jnp.zeros((), f32),
         clip_rate_long=jnp.zeros((), f32),
-        histogram=sketch_init(relative_accuracy, weighted=weighted),
+        histogram=sketch_init(relative_accuracy, weighted=weighted, value_range=value_range),
         # The recent sketch records the same norms as the histogram, whose count it shares.
-        recent=sketch_init(relative_accuracy, weighted=True, counted=False) if recent else None,
+        recent=(sketch_init(relative_accuracy, weighted=True, counted=False,
+                            value_range=value_range) if recent else None),
         name=ClipName(name, measure, features),
     )
 
@@ -265,6 +268,7 @@ def clip_transformation(
     nonfinite: str = "zero",
     axis_name: str | Sequence[str] | None = None,
     relative_accuracy: Any = 0.01,
+    norm_range: tuple[float, float] = DEFAULT_RANGE,
     name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Builds a clip transform from a threshold rule and an apply part.
@@ -277,6 +281,8 @@ def clip_transformation(
       relative_accuracy: accuracy of the norm histogram, read by ``init`` only: it fixes the
         histogram's shape, and ``update`` takes the mapping from the state. (Under
         ``optax.inject_hyperparams`` a later change of the injected value has no effect.)
+      norm_range: ``(low, high)``, the recorded values the histograms give buckets of their
+        own (static: it fixes their shape too).
       name: the transform's name, kept in the state (prefixes its ``stats`` keys).
     """
     if not isinstance(rule, ThresholdRule):
@@ -295,7 +301,7 @@ def clip_transformation(
             )
         return init_state(float(relative_accuracy), weighted=decay is not None,
                           recent=recent_decay is not None, name=name, measure=apply.label,
-                          features=rule.features())
+                          features=rule.features(), value_range=norm_range)
 
     def update_fn(updates, state, params=None, **extra_args):
         del params

@@ -46,7 +46,8 @@ def _leaf(x: Any) -> jax.Array:
 def _plain_sketch(sketch: NormSketch) -> NormSketch:
     recorded = None if sketch.recorded is None else _leaf(sketch.recorded)
     return NormSketch(cumulative=_leaf(sketch.cumulative), recorded=recorded,
-                      relative_accuracy=sketch.relative_accuracy)
+                      relative_accuracy=sketch.relative_accuracy,
+                      value_range=sketch.value_range)
 
 
 _ARRAY_FIELDS = tuple(f for f in ClipState._fields if f not in ("histogram", "recent", "name"))
@@ -436,6 +437,9 @@ def _diagnose_one(name: str, found: _Found) -> list[Finding]:
             "zeroed or passed on (see nonfinite=). Look for a loss blow-up, a division by "
             "zero or a too-high learning rate.",
         )
+    outside = _outside_range(s)
+    if outside:
+        say("warning", outside)
     fraction = int(s.clipped_steps) / steps
     if steps < FEW_STEPS:
         say(
@@ -524,6 +528,32 @@ def _diagnose_one(name: str, found: _Found) -> list[Finding]:
                 "with a momentum optimizer, try it.",
             )
     return findings
+
+
+def _outside_share(sketch: NormSketch) -> str:
+    """The shares of the sketch's weight below and above its range, in words, or ''."""
+    counts = np.asarray(sketch.counts, np.float64)
+    total = counts.sum()
+    if total <= 0 or counts[0] + counts[-1] <= 0:
+        return ""
+    low, high = sketch.value_range
+    return " and ".join(f"{share:.0%} {side} {bound:g}" for share, side, bound in (
+        (counts[0] / total, "below", low), (counts[-1] / total, "above", high)) if share > 0)
+
+
+def _outside_range(s: ClipState) -> str:
+    """Words for the recorded values outside the histogram's own buckets, or ''."""
+    parts = _outside_share(s.histogram)
+    if not parts:
+        return ""
+    low, high = s.histogram.value_range
+    what = "norms" if s.name.measure == L2_NORM else f"values ({s.name.measure})"
+    return (f"of the recorded {what}, {parts} lie outside the histogram's "
+            f"range ({low:g} to {high:g}; zero counts as below). They are read back as its "
+            "bounds, so their percentiles (a percentile clip's threshold, norm_percentile, "
+            "the suggestions here) stop there whatever the scale: a percentile clip would "
+            "cut norms above the range to its top. For a percentile clip, pass "
+            "norm_range=(low, high) around your norms; a fixed threshold is not affected.")
 
 
 def share_taken_off(norms: np.ndarray, thresholds: Any, weights: np.ndarray) -> np.ndarray:
@@ -615,8 +645,20 @@ def diagnose(opt_state: Any) -> list[Finding]:
 def _diagnose_skip(name: str, g: SkipState) -> list[Finding]:
     steps, skipped = int(_leaf(g.count)), int(_leaf(g.skipped_steps))
     tag = f"[{name}] " if name else ""
+    findings = []
+    for what, sketch in (("norms", g.norms), ("losses", g.losses)):
+        share = _outside_share(_plain_sketch(sketch))
+        if share:
+            low, high = sketch.value_range
+            fix = (" Pass skip_spikes(norm_range=(low, high)) around your norms."
+                   if what == "norms" else "")
+            findings.append(Finding(
+                "warning", f"{tag}skip_spikes: of the recent {what}, {share} lie outside its "
+                f"sketch's range ({low:g} to {high:g}). While their median does, it cannot be "
+                f"measured, and no finite value is skipped as a spike of them.{fix}", name))
     if skipped == 0:
-        return [Finding("info", f"{tag}skip_spikes skipped none of {steps} steps.", name)]
+        return findings + [Finding("info", f"{tag}skip_spikes skipped none of {steps} steps.",
+                                   name)]
     reasons = (f"{int(_leaf(g.skipped_nonfinite))} non-finite, "
                f"{int(_leaf(g.skipped_norm_spikes))} gradient-norm spikes, "
                f"{int(_leaf(g.skipped_loss_spikes))} loss spikes")
@@ -631,4 +673,4 @@ def _diagnose_skip(name: str, g: SkipState) -> list[Finding]:
     if rebased:
         message += (f" The scale changed lastingly {rebased} time(s): the guard accepted the "
                     "new scale after its max_consecutive skipped steps.")
-    return [Finding(level, message, name)]
+    return findings + [Finding(level, message, name)]

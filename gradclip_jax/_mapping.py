@@ -23,6 +23,9 @@ import math
 import jax
 import jax.numpy as jnp
 
+DEFAULT_RANGE = (1e-8, 1e8)
+"""The values a sketch gives buckets of their own unless told otherwise."""
+
 
 @dataclasses.dataclass(frozen=True)
 class LogMapping:
@@ -36,8 +39,8 @@ class LogMapping:
     """
 
     relative_accuracy: float = 0.01
-    min_value: float = 1e-8
-    max_value: float = 1e8
+    min_value: float = DEFAULT_RANGE[0]
+    max_value: float = DEFAULT_RANGE[1]
 
     def __post_init__(self):
         a = self.relative_accuracy

@@ -18,12 +18,14 @@ from gradclip_jax import _core
 from gradclip_jax._apply import Rescale
 from gradclip_jax._core import ScalarOrSchedule
 from gradclip_jax._fixed import at_step
+from gradclip_jax._mapping import DEFAULT_RANGE
 from gradclip_jax._sketch import sketch_quantile, sketch_quantiles
 from gradclip_jax._validation import (
     check_axis_name,
     check_int,
     check_name,
     check_nonfinite,
+    check_norm_range,
     check_range,
     check_threshold,
     warn_if_quantile,
@@ -117,6 +119,7 @@ def percentile_clip(
     freeze_after: int | None = None,
     start: float | jax.Array | None = None,
     relative_accuracy: float = 0.01,
+    norm_range: tuple[float, float] = DEFAULT_RANGE,
     nonfinite: str = "zero",
     axis_name: str | Sequence[str] | None = None,
     name: str | None = None,
@@ -229,6 +232,14 @@ def percentile_clip(
         doubles the buckets). It fixes the state's shape at ``init``; under
         ``optax.inject_hyperparams`` it may be injected, but changing it later has no effect.
         ``window`` may be injected too; whether there is one (None or not) is fixed at init.
+      norm_range: ``(low, high)``, ``0 < low < high``: the norms the histograms give buckets
+        of their own (default 1e-8 to 1e8, 16 decades). A norm outside is counted as ``low``
+        or ``high``, so a threshold taken from such norms stops there: norms of 1e10 (a loss
+        summed rather than averaged over a large batch, say) would all be cut to 1e8.
+        :func:`gradclip_jax.diagnose` warns when recorded norms fall outside. Widening it
+        adds buckets (about 116 per decade at 1% accuracy; every step passes over them
+        once), so move it rather than widen it: ``(1e-4, 1e12)`` for norms around 1e4.
+        Static: it fixes the state's shape.
       nonfinite: ``"zero"`` (default) or ``"propagate"``, as for :func:`clip_by_global_norm`.
         Non-finite norms are never recorded.
       axis_name: inside ``shard_map``, the mesh axis (or axes) the update is split over.
@@ -266,6 +277,7 @@ def percentile_clip(
     if start is not None:
         check_range("start", start, low=0.0, high=1.0, high_open=False)
     check_range("relative_accuracy", relative_accuracy, low=0.0, high=1.0)
+    norm_range = check_norm_range(norm_range)
     check_nonfinite(nonfinite)
     check_axis_name(axis_name)
     check_name(name)
@@ -273,4 +285,5 @@ def percentile_clip(
                           max_norm=max_norm, decay=decay, freeze_after=freeze_after,
                           start=start)
     return _core.clip_transformation(rule, Rescale(2), nonfinite=nonfinite, axis_name=axis_name,
-                                     relative_accuracy=relative_accuracy, name=name)
+                                     relative_accuracy=relative_accuracy,
+                                     norm_range=norm_range, name=name)

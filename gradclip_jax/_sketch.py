@@ -27,7 +27,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from gradclip_jax._mapping import LogMapping
+from gradclip_jax._mapping import DEFAULT_RANGE, LogMapping
 
 _HALVE_EVERY = {jnp.dtype(jnp.float32): 2**22, jnp.dtype(jnp.int32): 2**29}
 
@@ -45,15 +45,20 @@ class NormSketch:
         percentile clip's recent sketch and its histogram: a second counter was one more
         array for each jitted call to take and return, and two more kernels inside a loop).
       relative_accuracy: static; the accuracy of the bucket mapping.
+      value_range: static; ``(low, high)``, the values with buckets of their own (smaller
+        ones are counted in one bucket below and read back as ``low``, larger ones in one
+        above, read back as ``high``).
     """
 
     cumulative: jax.Array
     recorded: jax.Array | None
     relative_accuracy: float = dataclasses.field(metadata=dict(static=True), default=0.01)
+    value_range: tuple[float, float] = dataclasses.field(metadata=dict(static=True),
+                                                         default=DEFAULT_RANGE)
 
     @property
     def mapping(self) -> LogMapping:
-        return LogMapping(self.relative_accuracy)
+        return LogMapping(self.relative_accuracy, *self.value_range)
 
     @property
     def count(self) -> jax.Array:
@@ -70,15 +75,18 @@ class NormSketch:
         return jnp.concatenate([c[..., :1], c[..., 1:] - c[..., :-1]], axis=-1)
 
 
-def sketch_init(relative_accuracy: float, *, weighted: bool, counted: bool = True) -> NormSketch:
+def sketch_init(relative_accuracy: float, *, weighted: bool, counted: bool = True,
+                value_range: tuple[float, float] = DEFAULT_RANGE) -> NormSketch:
     """An empty sketch; ``counted=False`` keeps no ``recorded`` count (another sketch of the
     same values keeps it, and ``sketch_add`` is given it)."""
-    mapping = LogMapping(relative_accuracy)
+    value_range = (float(value_range[0]), float(value_range[1]))
+    mapping = LogMapping(relative_accuracy, *value_range)
     dtype = jnp.float32 if weighted else jnp.int32
     return NormSketch(
         cumulative=jnp.zeros((mapping.num_buckets,), dtype),
         recorded=jnp.zeros((), jnp.int32) if counted else None,
         relative_accuracy=relative_accuracy,
+        value_range=value_range,
     )
 
 
@@ -188,14 +196,14 @@ def sketch_quantile(sketch: NormSketch, q: jax.Array | float) -> jax.Array:
 
 
 def sketch_quantiles(sketches: tuple[NormSketch, ...], qs: tuple[Any, ...]) -> jax.Array:
-    """One quantile of each sketch (all of one accuracy), from one search of their buckets.
+    """One quantile of each sketch (all of one mapping), from one search of their buckets.
 
     An empty sketch gives the top bucket's value, not NaN: the caller checks that values were
     recorded (the percentile rule waits for ``warmup_steps``).
     """
-    mappings = {s.relative_accuracy for s in sketches}
+    mappings = {s.mapping for s in sketches}
     if len(mappings) != 1:
-        raise ValueError(f"sketches of one relative accuracy needed, got {sorted(mappings)}")
+        raise ValueError(f"sketches of one mapping needed, got {sorted(map(str, mappings))}")
     q = jnp.stack([jnp.asarray(x, jnp.float32) for x in qs])[:, None]
     return _quantile_from(tuple(s.cumulative for s in sketches), q, sketches[0].mapping,
                           empty_is_nan=False)[:, 0]

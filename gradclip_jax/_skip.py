@@ -24,8 +24,15 @@ from jax.extend import core as jcore
 
 from gradclip_jax import _norms
 from gradclip_jax._core import MEASURED, ClipName, computed_once
+from gradclip_jax._mapping import DEFAULT_RANGE
 from gradclip_jax._sketch import NormSketch, sketch_add, sketch_init
-from gradclip_jax._validation import check_axis_name, check_int, check_name, check_range
+from gradclip_jax._validation import (
+    check_axis_name,
+    check_int,
+    check_name,
+    check_norm_range,
+    check_range,
+)
 
 MAD_TO_SIGMA = 1.4826
 """The median absolute deviation of a normal sample times this estimates its sigma."""
@@ -63,8 +70,9 @@ class SkipState(NamedTuple):
     name: ClipName = ClipName()
 
 
-def _log_median_and_sigma(sketch: NormSketch) -> tuple[jax.Array, jax.Array]:
-    """Median and robust sigma of the log-values in ``sketch`` (natural log units).
+def _log_median_and_sigma(sketch: NormSketch) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Median and robust sigma of the log-values in ``sketch`` (natural log units), and
+    whether the median lies inside the sketch's range (not in its bucket below or above).
 
     Buckets are evenly spaced in log value, so both come from bucket indices: the median
     bucket, and the weighted median of every bucket's distance from it (the MAD), O(buckets).
@@ -78,14 +86,18 @@ def _log_median_and_sigma(sketch: NormSketch) -> tuple[jax.Array, jax.Array]:
     folded = jax.ops.segment_sum(counts, distance, num_segments=n)
     mad = jnp.sum(jnp.cumsum(folded) < half).astype(jnp.float32)
     log_gamma = math.log(sketch.mapping.gamma)
-    return jnp.log(sketch.mapping.value(median)), MAD_TO_SIGMA * mad * log_gamma
+    inside = (median > 0) & (median < n - 1)
+    return jnp.log(sketch.mapping.value(median)), MAD_TO_SIGMA * mad * log_gamma, inside
 
 
 def _is_spike(sketch: NormSketch, value: jax.Array, k: Any, min_ratio: Any,
               warmup: Any) -> jax.Array:
-    log_median, sigma = _log_median_and_sigma(sketch)
+    log_median, sigma, inside = _log_median_and_sigma(sketch)
     log_limit = log_median + jnp.maximum(k * sigma, jnp.log(jnp.float32(min_ratio)))
-    ready = sketch.count >= warmup
+    # A median outside the sketch's range reads back as the range's bound, not as itself:
+    # typical norms of 1e10 would make every norm a "spike" against 1e8. No finite value is
+    # judged against a median that cannot be measured (diagnose says so).
+    ready = (sketch.count >= warmup) & inside
     return ready & (jnp.log(jnp.maximum(value, 1e-30)) > log_limit)
 
 
@@ -170,6 +182,7 @@ def skip_spikes(
     warmup_steps: int = 20,
     max_consecutive: int = 10,
     relative_accuracy: float = 0.01,
+    norm_range: tuple[float, float] = DEFAULT_RANGE,
     axis_name: str | Sequence[str] | None = None,
     name: str | None = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -215,6 +228,11 @@ def skip_spikes(
       max_consecutive: >= 1, finite steps skipped in a row before the next one is accepted
         as a change of scale.
       relative_accuracy: in (0, 1), accuracy of the sketches (it fixes the state's shape).
+      norm_range: ``(low, high)``, ``0 < low < high``: the gradient norms the norm sketch
+        gives buckets of their own (default 1e-8 to 1e8; losses always use that default).
+        While the median of the recent norms (or losses) lies outside, it cannot be measured
+        and no finite value of it is judged a spike; :func:`gradclip_jax.diagnose` warns.
+        Static: it fixes the state's shape.
       axis_name: inside ``shard_map``, the mesh axis (or axes) the gradients are split over.
       name: optional; prefixes this guard's :func:`gradclip_jax.stats` keys.
 
@@ -242,6 +260,7 @@ def skip_spikes(
     check_int("warmup_steps", warmup_steps, low=1)
     check_int("max_consecutive", max_consecutive, low=1)
     check_range("relative_accuracy", relative_accuracy, low=0.0, high=1.0)
+    norm_range = check_norm_range(norm_range)
     check_axis_name(axis_name)
     check_name(name)
     inner = optax.with_extra_args_support(inner)
@@ -249,11 +268,12 @@ def skip_spikes(
 
     def init_fn(params):
         zero = jnp.zeros((), jnp.int32)
-        sketch = sketch_init(float(relative_accuracy), weighted=True)
+        losses = sketch_init(float(relative_accuracy), weighted=True)
+        norms = sketch_init(float(relative_accuracy), weighted=True, value_range=norm_range)
         return SkipState(
             count=zero, skipped_steps=zero, skipped_nonfinite=zero, skipped_norm_spikes=zero,
             skipped_loss_spikes=zero, consecutive=zero, rebased=zero,
-            grad_norm=jnp.zeros((), jnp.float32), norms=sketch, losses=sketch,
+            grad_norm=jnp.zeros((), jnp.float32), norms=norms, losses=losses,
             inner_state=inner.init(params), name=ClipName(name),
         )
 

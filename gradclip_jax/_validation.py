@@ -87,6 +87,21 @@ def check_ord(ord: Any) -> Any:
     return math.inf if x == math.inf else int(x)
 
 
+def check_norm_range(norm_range: Any) -> tuple[float, float]:
+    """``(low, high)``, two concrete numbers with ``0 < low < high < inf``, as floats."""
+    if not isinstance(norm_range, (tuple, list)) or len(norm_range) != 2:
+        raise TypeError(f"norm_range must be a pair (low, high), got {norm_range!r}")
+    if any(is_traced(x) for x in norm_range):
+        raise TypeError("norm_range fixes the histogram's shape, so it must be concrete "
+                        f"numbers, not traced values; got {norm_range!r}")
+    low, high = (_as_float("norm_range", x) for x in norm_range)
+    assert low is not None and high is not None
+    if not 0.0 < low < high < math.inf:
+        raise ValueError(f"norm_range must be (low, high) with 0 < low < high < inf, "
+                         f"got {norm_range!r}")
+    return low, high
+
+
 def check_nonfinite(nonfinite: Any) -> None:
     if not isinstance(nonfinite, str):
         raise TypeError(f"nonfinite must be one of {NONFINITE_MODES}, got {nonfinite!r}")

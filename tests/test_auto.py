@@ -87,6 +87,14 @@ def test_under_skip_spikes_and_multisteps():
     assert int(gc.stats(state)["count"]) == 4  # the clip saw the 4 emitted steps
 
 
+@pytest.mark.parametrize("opt_name", ["adamw", "momentum", "sgd"])
+def test_every_rule_takes_the_norm_range(opt_name):
+    state = gc.percentile_clipped(OPTIMIZERS[opt_name][0], norm_range=(1e-3, 1e13)).init(PARAMS)
+    clip_state = gc.find_clip_states(state)[""]
+    sketches = [clip_state.histogram] + ([clip_state.recent] if clip_state.recent else [])
+    assert all(s.value_range == (1e-3, 1e13) for s in sketches)
+
+
 def test_bad_arguments_fail_at_construction():
     with pytest.raises(TypeError, match="optimizer must be an optax GradientTransformation"):
         gc.percentile_clipped(optax.adam)  # the factory, not a transformation

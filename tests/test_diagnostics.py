@@ -193,6 +193,22 @@ def test_nonfinite_steps_warn_with_the_count():
     assert len(warnings) == 1 and "3 of 300 steps" in warnings[0].message
 
 
+def test_norms_outside_the_histograms_range_warn_with_the_share():
+    rng = np.random.default_rng(2)
+    norms = np.exp(rng.normal(0.0, 0.3, 100))
+    norms[:75] *= 1e9  # a quarter in range, three quarters above 1e8
+    state, _, _, _ = run_norm_stream(gc.percentile_clip(), norms)
+    outside = [f.message for f in gc.diagnose(state) if "outside the histogram" in f.message]
+    assert len(outside) == 1
+    assert "75% above 1e+08" in outside[0] and "norm_range=" in outside[0]
+    # Tiny values, zero among them, count as below; a range around the norms silences it.
+    state, _, _, _ = run_norm_stream(gc.clip_by_global_norm(1.0), np.r_[np.zeros(10),
+                                                                      np.full(30, 1e-9)])
+    assert any("100% below 1e-08" in f.message for f in gc.diagnose(state))
+    state, _, _, _ = run_norm_stream(gc.percentile_clip(norm_range=(1e-2, 1e14)), norms)
+    assert not any("outside the histogram" in f.message for f in gc.diagnose(state))
+
+
 def test_early_phase_is_not_yet_a_warning():
     findings = diagnose_stream(np.full(30, 5.0))
     assert levels(findings) == ["info"]

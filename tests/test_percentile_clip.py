@@ -199,6 +199,50 @@ def test_bad_arguments_fail_at_construction(kwargs, match):
         gc.percentile_clip(**kwargs)
 
 
+@pytest.mark.parametrize("norm_range,error,match", [
+    ((0.0, 1.0), ValueError, "0 < low < high < inf"),
+    ((1.0, 1.0), ValueError, "0 < low < high < inf"),
+    ((1e4, 1e-4), ValueError, "0 < low < high < inf"),
+    ((1e-4, float("inf")), ValueError, "0 < low < high < inf"),
+    ((float("nan"), 1.0), ValueError, "0 < low < high < inf"),
+    ((1e-4,), TypeError, "a pair"),
+    (1e8, TypeError, "a pair"),
+    (("1e-4", 1e4), TypeError, "must be a real number"),
+])
+def test_bad_norm_range_fails_at_construction(norm_range, error, match):
+    with pytest.raises(error, match=f"norm_range.*{match}"):
+        gc.percentile_clip(norm_range=norm_range)
+    with pytest.raises(error, match=f"norm_range.*{match}"):
+        gc.percentile_clipped(optax.sgd(0.1), norm_range=norm_range)
+
+
+@pytest.mark.parametrize("scale,norm_range", [(1e10, (1e-4, 1e12)), (1e-12, (1e-20, 1e-4))])
+def test_norm_range_follows_norms_outside_the_default_range(scale, norm_range):
+    # Outside 1e-8..1e8 the default histogram counts every norm at its bound, so the
+    # threshold stops there (1e8 for norms of 1e10: every step cut a hundredfold); a range
+    # around the norms restores the median of the recent ones.
+    rng = np.random.default_rng(4)
+    norms = lognormal(rng, 100, 0.3)
+    state, _, thresholds, _ = run_norm_stream(gc.percentile_clip(norm_range=norm_range),
+                                              norms * scale)
+    median = np.median(norms[-20:]) * scale
+    assert median / 1.1 <= float(thresholds[-1]) <= median * 1.1
+    assert state.histogram.value_range == norm_range
+    default, _, thresholds, _ = run_norm_stream(gc.percentile_clip(), norms * scale)
+    assert float(thresholds[-1]) == pytest.approx(1e8 if scale > 1 else 1e-8, rel=1e-6)
+
+
+def test_norm_range_is_static_under_jit_and_inject_hyperparams():
+    tx = optax.inject_hyperparams(gc.percentile_clip)(percentile=50.0,
+                                                      norm_range=(1e-4, 1e12))
+    state = tx.init(None)
+    assert "norm_range" not in state.hyperparams
+    update = jax.jit(tx.update)
+    for _ in range(3):
+        _, state = update({"w": jnp.array([3e10])}, state)
+    assert float(state.inner_state.threshold) == pytest.approx(3e10, rel=0.011)  # not 1e8
+
+
 def test_percentile_100_and_decay_1_are_valid():
     gc.percentile_clip(100.0, decay=1.0)
 

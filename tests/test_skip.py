@@ -305,3 +305,37 @@ def test_a_guard_that_never_skips_trains_bit_for_bit_as_its_inner_transformation
     assert int(state.skipped_steps) == 0
     for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("norm_range", [None, (1e4, 1e16)])
+def test_norms_outside_the_sketch_range_are_never_all_spikes(norm_range):
+    # Norms of about 1e10 read back as the default range's top, 1e8: judged against that,
+    # every norm was a spike (60 of 200 steps skipped). Out of range the guard skips no
+    # finite step and diagnose says why; a range around the norms restores the guard.
+    kwargs = {} if norm_range is None else {"norm_range": norm_range}
+    tx = gc.skip_spikes(optax.sgd(0.1), **kwargs)
+    params = {"w": jnp.zeros(4)}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    rng = np.random.default_rng(5)
+    for t in range(60):
+        scale = 1e13 if t == 50 else 1e10
+        g = {"w": jnp.asarray(rng.normal(size=4) * scale, jnp.float32)}
+        _, state = update(g, state, params)
+    skipped = int(gc.stats(state)["skipped_norm_spikes"])
+    warned = [f.message for f in gc.diagnose(state) if "outside its sketch" in f.message]
+    if norm_range is None:
+        assert skipped == 0 and len(warned) == 1 and "100% above 1e+08" in warned[0]
+    else:
+        assert skipped == 1 and not warned  # the x1000 spike at step 50, and only it
+
+
+def test_losses_outside_the_range_are_not_judged():
+    tx = gc.skip_spikes(optax.sgd(0.1), warmup_steps=5)
+    params = {"w": jnp.zeros(2)}
+    state = tx.init(params)
+    for t in range(30):
+        loss = jnp.float32(2e9 * (1.5 if t % 2 else 1.0))  # every loss above 1e8
+        _, state = tx.update({"w": jnp.ones(2)}, state, params, loss=loss)
+    assert int(gc.stats(state)["skipped_loss_spikes"]) == 0
+    assert any("of the recent losses, 100% above" in f.message for f in gc.diagnose(state))
