@@ -78,9 +78,10 @@ class ClipState(NamedTuple):
       clip_rate_recent: float32, moving average of "this step was clipped" over ~20 steps.
       clip_rate_long: float32, the same over ~500 steps.
       histogram: the sketch (a fixed-size histogram) of the measure the threshold is compared
-        with, on each finite step, before clipping: the L2 norm (``percentile_clip``,
-        ``clip_by_global_norm`` with ``ord=2``), the ``ord``-norm, or the largest magnitude
-        (``clip_by_value``), so that its percentiles are thresholds of that clip.
+        with, on each finite step with a nonzero update, before clipping: the L2 norm
+        (``percentile_clip``, ``clip_by_global_norm`` with ``ord=2``), the ``ord``-norm, or
+        the largest magnitude (``clip_by_value``), so that its percentiles are thresholds of
+        that clip.
       recent: for the percentile clip with a ``window``, a second sketch of the same norms
         whose counts decay, so it holds about the last ``window`` of them; None otherwise.
       name: static (no array): the ``name`` the transform was given, which prefixes its
@@ -321,6 +322,11 @@ def clip_transformation(
         # The histograms hold what the threshold is compared with, so that their percentiles
         # are thresholds of this clip; the same value as l2 for the L2-norm clips.
         recorded = measured.astype(jnp.float32)
+        # A zero update (a batch whose loss has no gradient) has nothing to clip and says
+        # nothing of the gradients' scale: recorded, it counted below the histogram's range,
+        # and 20 zero steps at the start of a run held a percentile clip's threshold near
+        # 1e-8 for hundreds of steps.
+        record = finite & (recorded > 0)
         zero = nonfinite == "zero"
         # The threshold too: the state's copy then comes from the same kernel, not from a
         # second evaluation of the rule.
@@ -344,9 +350,9 @@ def clip_transformation(
             clip_rate_recent=_moving_average(state.clip_rate_recent, clipped, RECENT_RATE,
                                              count),
             clip_rate_long=_moving_average(state.clip_rate_long, clipped, LONG_RATE, count),
-            histogram=sketch_add(state.histogram, recorded, finite, decay),
+            histogram=sketch_add(state.histogram, recorded, record, decay),
             recent=(None if state.recent is None
-                    else sketch_add(state.recent, recorded, finite, recent_decay,
+                    else sketch_add(state.recent, recorded, record, recent_decay,
                                     recorded=state.histogram.count)),
             name=state.name,
         )

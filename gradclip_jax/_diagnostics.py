@@ -549,7 +549,7 @@ def _outside_range(s: ClipState) -> str:
     low, high = s.histogram.value_range
     what = "norms" if s.name.measure == L2_NORM else f"values ({s.name.measure})"
     return (f"of the recorded {what}, {parts} lie outside the histogram's "
-            f"range ({low:g} to {high:g}; zero counts as below). They are read back as its "
+            f"range ({low:g} to {high:g}). They are read back as its "
             "bounds, so their percentiles (a percentile clip's threshold, norm_percentile, "
             "the suggestions here) stop there whatever the scale: a percentile clip would "
             "cut norms above the range to its top. For a percentile clip, pass "

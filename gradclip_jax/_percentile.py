@@ -95,9 +95,10 @@ class PercentileRule(_core.ThresholdRule):
             # The start: the first threshold is `start` x the median of the warmup norms, and
             # it rises at most 1% a step for as long as every step since has been clipped,
             # unless the recent norms grow past 4x the norms it started from (a new scale).
+            # Steps whose norm was not recorded (non-finite, or a zero update) do not end it.
             start = jnp.asarray(self.start, jnp.float32)
             value = jnp.where(ready & ~had_threshold, start * median, value)
-            starting = (had_threshold & (state.clipped_steps >= state.count - warmup)
+            starting = (had_threshold & (state.clipped_steps >= hist.count - warmup)
                         & (start * adaptive <= START_END_MULTIPLE * state.threshold))
             rise = jnp.where(starting, jnp.float32(START_RISE_PER_STEP), rise)
         if self.freeze_after is not None:
@@ -198,7 +199,7 @@ def percentile_clip(
         percentile, not a 0-1 quantile: the 90th is ``90.0``; a value of 1 or less warns).
       window: >= 1, or None. The number of recent norms (an exponential window) the
         percentile is taken over; None takes it over the whole histogram :math:`H`.
-      warmup_steps: >= 1. Until this many finite norms are recorded there is no adaptive
+      warmup_steps: >= 1. Until this many finite nonzero norms are recorded there is no adaptive
         threshold (only ``max_norm`` if given; otherwise no clipping). The default, 1, clips
         from the second step on: runs that blow up often do so in their first ten steps, and
         the 5% rise cap keeps so short a history from producing a runaway threshold. No
@@ -241,7 +242,8 @@ def percentile_clip(
         once), so move it rather than widen it: ``(1e-4, 1e12)`` for norms around 1e4.
         Static: it fixes the state's shape.
       nonfinite: ``"zero"`` (default) or ``"propagate"``, as for :func:`clip_by_global_norm`.
-        Non-finite norms are never recorded.
+        Non-finite norms are never recorded, nor zero ones (a zero update has nothing to
+        clip and no scale).
       axis_name: inside ``shard_map``, the mesh axis (or axes) the update is split over.
       name: optional; prefixes this transform's :func:`gradclip_jax.stats` keys, as for
         :func:`gradclip_jax.clip_by_global_norm`.

@@ -309,7 +309,8 @@ def skip_spikes(
                              _restart(state.norms), state.norms)
         losses = jax.tree.map(lambda a, b: jnp.where(rebase, a, b),
                               _restart(state.losses), state.losses)
-        norms = sketch_add(norms, norm, accept, decay)
+        # As for the losses, only positive values: a zero norm has no log and no scale.
+        norms = sketch_add(norms, norm, accept & (norm > 0), decay)
         losses = sketch_add(losses, loss_value, accept & (loss is not None) & (loss_value > 0),
                             decay)
         as_int = lambda b: b.astype(jnp.int32)  # noqa: E731

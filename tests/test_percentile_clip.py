@@ -357,3 +357,19 @@ def test_start_traced_through_inject_hyperparams():
     _, static, _, _ = run_norm_stream(with_start(), norms)
     np.testing.assert_allclose(outs, static, rtol=1e-5)
     assert outs[1] == pytest.approx(1.0, rel=0.011)
+
+
+@pytest.mark.parametrize("rule", [*RULES.values(), lambda: gc.percentile_clip(start=0.25),
+                                  lambda: gc.clip_by_value(0.5)],
+                         ids=[*RULES, "start", "value clip"])
+def test_zero_updates_are_not_recorded(rule):
+    # Twenty batches with no gradient at the start (a masked loss, a satisfied margin) used
+    # to enter the histogram below its range and hold the threshold near 1e-8 for hundreds
+    # of steps, every later update cut to about 1e-5 of its norm. A zero update has nothing
+    # to clip and no scale: the run clips as if those steps had not been.
+    rng = np.random.default_rng(6)
+    norms = lognormal(rng, 200, 0.3)
+    state, _, thresholds, _ = run_norm_stream(rule(), np.r_[np.zeros(20), norms])
+    _, _, expected, _ = run_norm_stream(rule(), norms)
+    np.testing.assert_array_equal(thresholds[20:], expected)
+    assert int(state.count) == 220 and int(state.histogram.recorded) == 200
