@@ -329,11 +329,13 @@ def clip_transformation(
         record = finite & (recorded > 0)
         zero = nonfinite == "zero"
         # The threshold too: the state's copy then comes from the same kernel, not from a
-        # second evaluation of the rule.
+        # second evaluation of the rule. And `record`: taken before the barrier, it put the
+        # norms' combination into the histograms' update (10k MLP in a jitted loop: 1.07x ->
+        # 1.11x the norm clip's step).
         scalars = computed_once(
             *apply.step_scalars(threshold, measured, clipped, finite, zero), clipped, finite,
-            threshold)
-        *scalars, clipped, finite, threshold = scalars
+            record, threshold)
+        *scalars, clipped, finite, record, threshold = scalars
         # asarray: a Python number is a leaf optax accepts (optax.clip clips one).
         new_updates = jax.tree.map(
             lambda g: apply.update_leaf(jnp.asarray(g), tuple(scalars), zero), updates)

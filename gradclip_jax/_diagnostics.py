@@ -31,6 +31,8 @@ SHARE_HIGH = 0.30  # share of the recent norms' sum a windowed percentile clip t
 # which diagnose reports it: on gradclip-jax outcomes the default took 7-24% of the summed norm
 # off where it did as well as the best fixed threshold (AdamW, Adam, plain SGD), 36% with
 # SGD + momentum
+OUTSIDE_SHARE = 0.01  # share of the recorded values outside the histogram's range, from
+# which diagnose reports it
 _OPTIMIZER_STATES = ("ScaleBy", "TraceState", "FactoredState")  # optax states of optimizers
 
 
@@ -531,10 +533,11 @@ def _diagnose_one(name: str, found: _Found) -> list[Finding]:
 
 
 def _outside_share(sketch: NormSketch) -> str:
-    """The shares of the sketch's weight below and above its range, in words, or ''."""
+    """The shares of the sketch's weight below and above its range, in words, or '' when
+    they are under ``OUTSIDE_SHARE`` (an isolated spike above the range is clipped anyway)."""
     counts = np.asarray(sketch.counts, np.float64)
     total = counts.sum()
-    if total <= 0 or counts[0] + counts[-1] <= 0:
+    if total <= 0 or counts[0] + counts[-1] < OUTSIDE_SHARE * total:
         return ""
     low, high = sketch.value_range
     return " and ".join(f"{share:.0%} {side} {bound:g}" for share, side, bound in (

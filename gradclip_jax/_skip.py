@@ -293,7 +293,7 @@ def skip_spikes(
         spike = norm_spike | loss_spike
         rebase = spike & (state.consecutive >= max_consecutive)
         skip = ~finite | (spike & ~rebase)
-        skip, = computed_once(skip)
+        skip, positive = computed_once(skip, norm > 0)
 
         def inner_step(grads, inner_state, params, measures, extra):
             # The clip inside recognises the measures by the identity of these leaves.
@@ -310,7 +310,7 @@ def skip_spikes(
         losses = jax.tree.map(lambda a, b: jnp.where(rebase, a, b),
                               _restart(state.losses), state.losses)
         # As for the losses, only positive values: a zero norm has no log and no scale.
-        norms = sketch_add(norms, norm, accept & (norm > 0), decay)
+        norms = sketch_add(norms, norm, accept & positive, decay)
         losses = sketch_add(losses, loss_value, accept & (loss is not None) & (loss_value > 0),
                             decay)
         as_int = lambda b: b.astype(jnp.int32)  # noqa: E731

@@ -249,12 +249,30 @@ def test_value_clip_costs_two_comparisons_and_two_selects_per_element(nonfinite)
     assert "maximum" not in ops and "minimum" not in ops and "or" not in ops, ops
 
 
+_LAUNCHED = re.compile(r"= \S+ (fusion|sort|dot|custom-call|scatter|dynamic-update-slice|"
+                       r"reduce|reduce-window|copy|convolution|while|conditional)\(")
+
+
 def _kernels(clip, params):
     """Kernels (top-level fusions and other ops that launch work) of a compiled clip + adam step."""
     entry = _entry(_compiled(optax.chain(clip, optax.adam(1e-3)), params))
-    launched = re.compile(r"= \S+ (fusion|sort|dot|custom-call|scatter|dynamic-update-slice|"
-                          r"reduce|reduce-window|copy|convolution|while|conditional)\(")
-    return sum(bool(launched.search(line)) for line in entry.splitlines())
+    return sum(bool(_LAUNCHED.search(line)) for line in entry.splitlines())
+
+
+def _loop_kernels(clip, params, steps=10):
+    """Kernels in the body of a jitted loop of clip + adam steps (the largest computation
+    called by the while loop, where a small model's training loop spends its time)."""
+    tx = optax.chain(clip, optax.adam(1e-3))
+    step = train_step(tx)
+
+    def loop(p, s):
+        return jax.lax.fori_loop(0, steps, lambda i, c: step(c[0], c[1], c[0]), (p, s))
+
+    text = jax.jit(loop).lower(params, tx.init(params)).compile().as_text()
+    name = re.search(r" while\(.*body=(%[\w.\-]+)", _entry(text)).group(1)
+    body = text[text.index(f"\n{name} "):]
+    body = body[:body.index("\n}")]
+    return sum(bool(_LAUNCHED.search(line)) for line in body.splitlines())
 
 
 def _library_calls(clip, params):
@@ -280,6 +298,12 @@ def test_percentile_clip_adds_few_kernels_to_a_tiny_models_step():
     params = tiny_mlp(jnp.float32)
     norm = _kernels(gc.clip_by_global_norm(1.0), params)
     assert _kernels(gc.percentile_clip(), params) <= norm + 3
+    # And inside a jitted loop (42 against 39). Every scalar the histograms' update reads
+    # must come out of the computed_once barrier: "record this norm", taken before it,
+    # put the norms' combination into that update (44 kernels, the step 1.07x -> 1.11x the
+    # norm clip's, measured).
+    norm = _loop_kernels(gc.clip_by_global_norm(1.0), params)
+    assert _loop_kernels(gc.percentile_clip(), params) <= norm + 3
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
