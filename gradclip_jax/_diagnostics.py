@@ -591,6 +591,9 @@ def diagnose(opt_state: Any) -> list[Finding]:
     Rules (each finding carries the figures it is based on):
 
     - any non-finite steps: warning with the count;
+    - 1% or more of the recorded values (or of a skip guard's norms or losses) outside the
+      histogram's range (``norm_range``, 1e-8 to 1e8 by default): warning with the shares
+      below and above, since percentiles stop at the range's bounds;
     - clipped on most recent steps (moving average over ~20 steps >= 50%): a warning that the
       threshold acts as a learning-rate cap by the usual heuristic, with the 90th-percentile
       norm as a suggestion, and what the training-outcomes benchmark measured (frequent
