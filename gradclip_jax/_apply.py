@@ -46,7 +46,10 @@ class Rescale(Apply):
         return _norms.norm_from(measures, self.ord)
 
     def factor(self, threshold: jax.Array, measured: jax.Array) -> jax.Array:
-        return jnp.where(measured > threshold, threshold / measured, 1.0)
+        # The division's operand is selected too, so that an unclipped step (a zero norm, or
+        # a threshold of float32's max) has a finite derivative, not 0 * inf = NaN.
+        over = measured > threshold
+        return jnp.where(over, threshold / jnp.where(over, measured, 1.0), 1.0)
 
     def leaf(self, g: jax.Array, factor: jax.Array) -> jax.Array:
         # Multiply in at least float32 and round once, so bfloat16/float16 updates are scaled

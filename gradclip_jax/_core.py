@@ -31,6 +31,7 @@ from typing import Any, NamedTuple, TypeAlias, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax import lax
 
@@ -222,7 +223,10 @@ def computed_once(*scalars: jax.Array) -> tuple[jax.Array, ...]:
     """
     dtype = jnp.result_type(jnp.float32, *(x.dtype for x in scalars if x.dtype != jnp.bool_))
     packed = jnp.stack([x.astype(dtype) for x in scalars])
-    once = lax.reduce_window(jnp.stack([packed, packed]), jnp.array(-jnp.inf, dtype), lax.max,
+    # The initial value is a NumPy constant: a jnp array created under jit is a tracer, and
+    # JAX then lowers a generic reduce-window, which reverse-mode autodiff cannot take
+    # (jax.jit(jax.grad(...)) through a clip failed); with a constant it is the max monoid's.
+    once = lax.reduce_window(jnp.stack([packed, packed]), np.array(-np.inf, dtype), lax.max,
                              (2, 1), (1, 1), ((1, 0), (0, 0)))[0]
     return tuple(once[i] > 0 if x.dtype == jnp.bool_ else once[i].astype(x.dtype)
                  for i, x in enumerate(scalars))

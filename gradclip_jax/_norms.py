@@ -228,17 +228,29 @@ def norm_kinds(ord: Any) -> tuple[str, ...]:
     return ({2: SUMSQ, 1: ABSSUM}.get(ord, MAXABS),)
 
 
+def _root(x: jax.Array) -> jax.Array:
+    """sqrt(x) for a sum of squares, with derivative 0 rather than NaN at x = 0.
+
+    The norm of a zero gradient has no derivative; jnp.sqrt's is infinite there, and times
+    the zero cotangent of an unclipped step it made the gradient through a clip NaN (as
+    through optax's). 0 is the subgradient a user differentiating through the clip expects.
+    A NaN or infinite x comes back as it went in (sqrt of inf is inf).
+    """
+    positive = x > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, x, 1.0)), x)
+
+
 def l2_from(measures: Mapping[str, jax.Array]) -> jax.Array:
     """The L2 norm from the sums of squares (plain, and scaled for bfloat16 leaves)."""
     plain = measures[SUMSQ]
     if SUMSQ_LO not in measures:
-        return jnp.sqrt(plain)
+        return _root(plain)
     lo = measures[SUMSQ_LO]
     inv = 1.0 / _LO_SCALE
     unscaled = plain + lo * (inv * inv)
     # Where the unscaled total overflows, add in the scaled domain and scale the root back.
-    rescaled = jnp.sqrt(plain * (_LO_SCALE * _LO_SCALE) + lo) * inv
-    return jnp.where(jnp.isfinite(unscaled), jnp.sqrt(unscaled), rescaled)
+    rescaled = _root(plain * (_LO_SCALE * _LO_SCALE) + lo) * inv
+    return jnp.where(jnp.isfinite(unscaled), _root(unscaled), rescaled)
 
 
 def norm_from(measures: Mapping[str, jax.Array], ord: Any) -> jax.Array:
