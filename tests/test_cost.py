@@ -222,6 +222,22 @@ def test_bfloat16_norms_write_no_float32_copy(clip, passes):
     assert compiled.cost_analysis()["bytes accessed"] / nbytes <= passes + 0.05
 
 
+@compiler_figures
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("clip", [gc.clip_by_global_norm(1.0), gc.percentile_clip()],
+                         ids=["norm", "percentile"])
+def test_bfloat16_rescale_costs_what_a_constant_scale_costs(clip, dtype):
+    # In bfloat16 XLA's CPU backend writes out any rescaled update before Adam's two moment
+    # updates read it, even a constant optax.scale(0.5) (2.0 passes; 0.0 in float32). A
+    # rescaling clip can then cost no less than that plus the one read for its norm, and
+    # costs no more.
+    # Large enough that the percentile clip's histograms (15 KB) are no share of a pass.
+    params = [jnp.zeros((ODD,), dtype) for _ in range(8)] + [jnp.zeros((1000, 257), dtype)]
+    floor = extra_gradient_passes(optax.scale(0.5), params)
+    assert floor == (0.0 if dtype == jnp.float32 else 2.0)
+    assert extra_gradient_passes(clip, params) <= floor + 1.05
+
+
 def _elementwise_ops(clip, dtype=jnp.float32, n_leaves=2):
     """Op counts in the fused elementwise computation that writes one clipped leaf."""
     grads = [jnp.zeros((ODD,), dtype) for _ in range(n_leaves)]
