@@ -267,13 +267,17 @@ def skip_spikes(
     decay = 1.0 - 1.0 / window
 
     def init_fn(params):
-        zero = jnp.zeros((), jnp.int32)
+        # A buffer of its own for every counter: one array shared by several fields could not
+        # be donated to a jitted step ("Attempt to donate the same buffer twice").
+        def zero():
+            return jnp.zeros((), jnp.int32)
+
         losses = sketch_init(float(relative_accuracy), weighted=True)
         norms = sketch_init(float(relative_accuracy), weighted=True, value_range=norm_range)
         return SkipState(
-            count=zero, skipped_steps=zero, skipped_nonfinite=zero, skipped_norm_spikes=zero,
-            skipped_loss_spikes=zero, consecutive=zero, rebased=zero,
-            grad_norm=jnp.zeros((), jnp.float32), norms=norms, losses=losses,
+            count=zero(), skipped_steps=zero(), skipped_nonfinite=zero(),
+            skipped_norm_spikes=zero(), skipped_loss_spikes=zero(), consecutive=zero(),
+            rebased=zero(), grad_norm=jnp.zeros((), jnp.float32), norms=norms, losses=losses,
             inner_state=inner.init(params), name=ClipName(name),
         )
 
