@@ -30,9 +30,12 @@ from gradclip_jax._diagnostics import (
     stats,
 )
 from gradclip_jax._fixed import clip_by_global_norm, clip_by_value
+from gradclip_jax._flax_interop import register_flax_serialization as _register_flax
 from gradclip_jax._norms import global_norm
 from gradclip_jax._percentile import percentile_clip
 from gradclip_jax._skip import SkipState, skip_spikes
+
+_register_flax()  # when flax is imported already; else at the first init
 
 try:
     __version__ = _metadata.version("gradclip-jax")

@@ -36,6 +36,7 @@ import optax
 from jax import lax
 
 from gradclip_jax import _norms
+from gradclip_jax._flax_interop import register_flax_serialization
 from gradclip_jax._mapping import DEFAULT_RANGE
 from gradclip_jax._sketch import NormSketch, sketch_add, sketch_init
 from gradclip_jax._validation import is_traced
@@ -182,6 +183,7 @@ def init_state(
     measure: str = L2_NORM, features: tuple[str, ...] = (),
     value_range: tuple[float, float] = DEFAULT_RANGE,
 ) -> ClipState:
+    register_flax_serialization()
     f32 = jnp.float32
     return ClipState(
         count=jnp.zeros((), jnp.int32),

@@ -24,6 +24,7 @@ from jax.extend import core as jcore
 
 from gradclip_jax import _norms
 from gradclip_jax._core import MEASURED, ClipName, computed_once
+from gradclip_jax._flax_interop import register_flax_serialization
 from gradclip_jax._mapping import DEFAULT_RANGE
 from gradclip_jax._sketch import NormSketch, sketch_add, sketch_init
 from gradclip_jax._validation import (
@@ -271,6 +272,8 @@ def skip_spikes(
         # be donated to a jitted step ("Attempt to donate the same buffer twice").
         def zero():
             return jnp.zeros((), jnp.int32)
+
+        register_flax_serialization()
 
         losses = sketch_init(float(relative_accuracy), weighted=True)
         norms = sketch_init(float(relative_accuracy), weighted=True, value_range=norm_range)
