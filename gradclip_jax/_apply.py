@@ -54,7 +54,7 @@ class Rescale(Apply):
     def leaf(self, g: jax.Array, factor: jax.Array) -> jax.Array:
         # Multiply in at least float32 and round once, so bfloat16/float16 updates are scaled
         # as accurately as their dtype allows.
-        wide = jnp.promote_types(g.dtype, jnp.float32)
+        wide = _norms.wide_dtype(g.dtype)
         return (g.astype(wide) * factor.astype(wide)).astype(g.dtype)
 
 
@@ -91,7 +91,7 @@ class ClipEach(Apply):
         # included); comparisons rather than abs(g), which XLA would share with the norm's
         # reduction, then write out and read back. The bound is compared in at least float32
         # and rounded once into the leaf's dtype.
-        wide = jnp.promote_types(g.dtype, jnp.float32)
+        wide = _norms.wide_dtype(g.dtype)
         hi = scalars[0].astype(wide)
         x = g.astype(wide)
         upper, lower = hi.astype(g.dtype), (-hi).astype(g.dtype)

@@ -223,7 +223,7 @@ def computed_once(*scalars: jax.Array) -> tuple[jax.Array, ...]:
     taken from ``lax.cummax``, which JAX may lower as an associative scan (elementwise ops,
     which fuse) on some platforms. Booleans come back as booleans.
     """
-    dtype = jnp.result_type(jnp.float32, *(x.dtype for x in scalars if x.dtype != jnp.bool_))
+    dtype = _norms.widest_float(x.dtype for x in scalars)
     packed = jnp.stack([x.astype(dtype) for x in scalars])
     # The initial value is a NumPy constant: a jnp array created under jit is a tracer, and
     # JAX then lowers a generic reduce-window, which reverse-mode autodiff cannot take

@@ -272,7 +272,8 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
             f"{prefix}clip_rate_recent": s.clip_rate_recent,
             f"{prefix}clip_rate_long": s.clip_rate_long,
             f"{prefix}clip_fraction":
-                s.clipped_steps / jnp.maximum(s.count, 1).astype(jnp.float32),
+                s.clipped_steps.astype(jnp.float32)
+                / jnp.maximum(s.count, 1).astype(jnp.float32),
         })
     return out
 

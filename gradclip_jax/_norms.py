@@ -62,6 +62,23 @@ def _accum_dtype(dtype: Any) -> Any:
     return jnp.float64 if wide else jnp.float32
 
 
+def wide_dtype(dtype: Any) -> Any:
+    """The dtype a leaf of ``dtype`` is computed in: float32 for 16-bit floats, else its own.
+
+    ``jnp.promote_types(dtype, float32)``, spelled out: under
+    ``jax_numpy_dtype_promotion="strict"`` JAX refuses to promote bfloat16 with float32.
+    """
+    dtype = jnp.dtype(dtype)
+    return dtype if dtype.itemsize >= 4 else jnp.dtype(jnp.float32)
+
+
+def widest_float(dtypes: Any) -> Any:
+    """float64 when any of ``dtypes`` is float64 or complex128, else float32 (as
+    ``jnp.result_type(float32, *dtypes)`` for these, without JAX's promotion rules)."""
+    wide = {jnp.dtype(jnp.float64), jnp.dtype(jnp.complex128)}
+    return jnp.float64 if any(jnp.dtype(d) in wide for d in dtypes) else jnp.float32
+
+
 def _as_real(x: jax.Array, kind: str, acc: Any) -> tuple[str, jax.Array]:
     """A real array whose measure ``kind`` equals that of ``x`` (complex: of ``|x|``)."""
     if not jnp.issubdtype(x.dtype, jnp.complexfloating):
@@ -194,7 +211,7 @@ def reduce_tree(
     leaves = [jnp.asarray(leaf) for leaf in jax.tree.leaves(tree)]
     if SUMSQ in kinds and any(jnp.result_type(x) == jnp.bfloat16 for x in leaves):
         kinds = (*kinds, SUMSQ_LO)
-    acc = jnp.result_type(jnp.float32, *(_accum_dtype(x.dtype) for x in leaves))
+    acc = widest_float(x.dtype for x in leaves)
     joinable = [_joinable(x) for x in leaves]
     join_all = sum(x.size for x, ok in zip(leaves, joinable, strict=True) if ok) <= TINY_TREE
     groups: dict[tuple[str, ...], list[tuple[jax.Array, ...]]] = {}

@@ -158,7 +158,7 @@ def _count_at_most(cumulatives: tuple[jax.Array, ...],
     # The last block may be partial: it is read from n - k on, and whatever the start, the
     # sums before it are all <= the rank (it starts at or before the coarse count's block).
     start = jnp.minimum(coarse * k, n - k)
-    offsets = start[..., None] + jnp.arange(k, dtype=jnp.int32)
+    offsets = start[..., None] + jnp.arange(k, dtype=jnp.int32).reshape((1,) * start.ndim + (k,))
     block = jnp.stack([c.astype(jnp.float32)[i] <= r[:, None]
                        for c, i, r in zip(cumulatives, offsets, ranks, strict=True)])
     return start + jnp.sum(block, axis=-1, dtype=jnp.int32)
