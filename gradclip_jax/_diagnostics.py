@@ -219,6 +219,22 @@ def _readable(opt_state: Any) -> tuple[dict[str, _Found], dict[str, SkipState]]:
     return _keyed(_locate(opt_state), opt_state, required=not skips), skips
 
 
+def _batch_shape(found: dict[str, _Found], skips: dict[str, SkipState]) -> tuple[int, ...]:
+    """The leading axes the states carry (pmap replicas, a vmapped ensemble of runs), read
+    from their step counters, which are scalars in one state; () for one state."""
+    counts = [f.state.count for f in found.values()] + [_leaf(g.count) for g in skips.values()]
+    return next((tuple(c.shape) for c in counts if c.ndim), ())
+
+
+def _one_member_please(what: str, shape: tuple[int, ...]) -> ValueError:
+    return ValueError(
+        f"{what} reads one optimizer state, and this one is batched: its step counter has "
+        f"shape {shape} (pmap replicas, or an ensemble of runs under vmap). Pass one member, "
+        "for example jax.tree.map(lambda x: x[0], opt_state) (flax.jax_utils.unreplicate for "
+        "replicas); stats() and norm_percentile() keep the leading axes."
+    )
+
+
 STATS_KEYS = ("count", "threshold", "grad_norm", "clipped_steps", "nonfinite_steps",
               "clip_rate_recent", "clip_rate_long", "clip_fraction")
 """The keys of :func:`stats` for one clip: the state's fields, then ``clip_fraction``."""
@@ -243,7 +259,8 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
     A transform given a ``name`` has its keys prefixed ``"<name>/"``; the one unnamed
     transform has plain keys. Keys depend only on the names, so adding, removing or wrapping
     other transforms never changes them. Raises ``ValueError`` when ``opt_state`` holds no
-    clip transform, or several unnamed ones.
+    clip transform, or several unnamed ones. For a batched state (pmap replicas, or runs
+    under ``vmap``: every leaf with leading axes) each value keeps those axes.
 
     Works inside ``jit`` (values are arrays); :func:`host_stats` and :func:`log_stats` bring
     them to the host as Python numbers in one transfer.
@@ -281,7 +298,8 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
 def host_stats(opt_state: Any) -> dict[str, float | int]:
     """:func:`stats` as Python numbers, brought to the host in one transfer.
 
-    Counters are ``int``, the rest ``float``. Call it outside ``jit``, every N steps.
+    Counters are ``int``, the rest ``float``. Call it outside ``jit``, every N steps. A
+    batched state (pmap replicas, runs under ``vmap``) raises ``ValueError``: pass one member.
 
     Example:
       >>> import jax.numpy as jnp, gradclip_jax
@@ -292,6 +310,9 @@ def host_stats(opt_state: Any) -> dict[str, float | int]:
       (5.0, 1)
     """
     arrays = stats(opt_state)
+    shape = next((tuple(v.shape) for v in arrays.values() if jnp.ndim(v)), ())
+    if shape:
+        raise _one_member_please("host_stats", shape)
     values = jax.device_get(arrays)
     return {k: int(values[k]) if np.issubdtype(np.asarray(values[k]).dtype, np.integer)
             else float(values[k]) for k in arrays}
@@ -353,6 +374,10 @@ def norm_percentile(
       which: the path of the clip state (a key of :func:`find_clip_states`) when there are
         several.
 
+    Returns:
+      A float32 scalar; for a batched state (pmap replicas, runs under ``vmap``), one value
+      per member, with the state's leading axes.
+
     Example:
       >>> import jax.numpy as jnp, gradclip_jax
       >>> tx = gradclip_jax.clip_by_global_norm(10.0)
@@ -366,7 +391,11 @@ def norm_percentile(
     check_range("percentile", percentile, low=0.0, high=100.0, low_open=False, high_open=False)
     warn_if_quantile("percentile", percentile, stacklevel=3)
     _, state = _one_state(opt_state, which)
-    return sketch_quantile(state.histogram, jnp.asarray(percentile, jnp.float32) / 100.0)
+    q = jnp.asarray(percentile, jnp.float32) / 100.0
+    quantile = lambda sketch: sketch_quantile(sketch, q)  # noqa: E731
+    for _ in range(jnp.ndim(state.count)):  # a batched state: one answer per member
+        quantile = jax.vmap(quantile)
+    return quantile(state.histogram)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -623,7 +652,9 @@ def diagnose(opt_state: Any) -> list[Finding]:
       where the default took most off and trailed the best fixed threshold.
 
     Call it outside ``jit``: it reads concrete values (inside ``jit`` it raises a TypeError
-    that says so). Raises ``ValueError`` when ``opt_state`` holds no clip transform.
+    that says so). Raises ``ValueError`` when ``opt_state`` holds no clip transform, and for a
+    batched state (pmap replicas, runs under ``vmap``), naming its leading axes: pass one
+    member.
 
     Example:
       >>> import jax.numpy as jnp, gradclip_jax
@@ -641,6 +672,9 @@ def diagnose(opt_state: Any) -> list[Finding]:
             "diagnose reads concrete values on the host and cannot run inside jit; call it "
             "outside, on the state your jitted step returns (stats works inside jit)"
         )
+    shape = _batch_shape(found, skips)
+    if shape:
+        raise _one_member_please("diagnose", shape)
     findings: list[Finding] = []
     for name, g in skips.items():
         findings.extend(_diagnose_skip(name, g))

@@ -376,3 +376,54 @@ def test_diagnose_inside_jit_says_to_call_it_outside():
     state = run(gc.clip_by_global_norm(1.0), [1.0] * 3)
     with pytest.raises(TypeError, match="cannot run inside jit; call it outside"):
         jax.jit(lambda s: len(gc.diagnose(s)))(state)
+
+
+def batched_run(tx, members, steps=30):
+    """An ensemble of ``members`` runs under vmap (norms of scale 1..members), each with its
+    own state, as a seed sweep trains them; and the same runs one by one."""
+    scales = jnp.arange(1, members + 1, dtype=jnp.float32)
+    state = jax.vmap(lambda _: tx.init(PARAMS))(scales)
+    update = jax.jit(jax.vmap(lambda g, s: tx.update(g, s, PARAMS, loss=jnp.float32(1.0))))
+    singles = [tx.init(PARAMS) for _ in range(members)]
+    single = jax.jit(lambda g, s: tx.update(g, s, PARAMS, loss=jnp.float32(1.0)))
+    for i in range(steps):
+        wobble = 1.0 + 0.3 * ((i * 7) % 5)
+        state = update(jax.vmap(lambda c, w=wobble: grads(c * w))(scales), state)[1]
+        singles = [single(grads(float(c) * wobble), s)[1]
+                   for c, s in zip(scales, singles, strict=True)]
+    return state, singles
+
+
+def test_batched_state_stats_and_percentiles_per_member():
+    # pmap replicas and runs under vmap carry leading axes on every state leaf: stats keeps
+    # them, norm_percentile answers per member, as each member's own state would.
+    state, singles = batched_run(optax.chain(gc.percentile_clip(), optax.sgd(0.1)), 3)
+    s = gc.stats(state)
+    assert all(np.shape(v) == (3,) for v in s.values())
+    p90 = np.asarray(gc.norm_percentile(state, 90.0))
+    assert p90.shape == (3,)
+    np.testing.assert_allclose(p90, [float(gc.norm_percentile(x, 90.0)) for x in singles],
+                               rtol=1e-6)
+    assert p90[0] < p90[1] < p90[2]
+    # Two leading axes (replicas of an ensemble).
+    nested = jax.tree.map(lambda x: jnp.stack([x, x]), state)
+    assert np.shape(gc.norm_percentile(nested, 50.0)) == (2, 3)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: optax.chain(gc.clip_by_global_norm(1.0), optax.sgd(0.1)),
+    lambda: gc.skip_spikes(optax.sgd(0.1)),
+], ids=["clip", "skip guard"])
+@pytest.mark.parametrize("reader", ["host_stats", "diagnose", "log_stats"])
+def test_batched_state_host_readers_ask_for_one_member(make, reader):
+    state, singles = batched_run(make(), 2, steps=3)
+    read = {"host_stats": gc.host_stats, "diagnose": gc.diagnose,
+            "log_stats": lambda st: gc.log_stats(st, print)}[reader]
+    with pytest.raises(ValueError, match=r"batched.*shape \(2,\).*x\[0\]"):
+        read(state)
+    # One member, as the message says, reads as that member's own state does.
+    member = jax.tree.map(lambda x: x[0], state)
+    if reader == "host_stats":
+        assert gc.host_stats(member) == pytest.approx(gc.host_stats(singles[0]), rel=1e-6)
+    else:
+        read(member)
