@@ -324,7 +324,10 @@ def clip_transformation(
         # from about 1.8e19). The measured value is infinite when an element is, so a clip
         # measuring magnitudes (the value clip, ord 1 or inf) still clips a finite 1e30.
         finite = ~jnp.isnan(l2) & jnp.isfinite(measured)
-        clipped = finite & (measured > threshold)
+        # In the measure's dtype: float64 for a float64 tree, which strict dtype promotion
+        # would not compare with the float32 threshold.
+        limit = threshold.astype(measured.dtype)
+        clipped = finite & (measured > limit)
         # The histograms hold what the threshold is compared with, so that their percentiles
         # are thresholds of this clip; the same value as l2 for the L2-norm clips.
         recorded = measured.astype(jnp.float32)
@@ -339,7 +342,7 @@ def clip_transformation(
         # norms' combination into the histograms' update (10k MLP in a jitted loop: 1.07x ->
         # 1.11x the norm clip's step).
         scalars = computed_once(
-            *apply.step_scalars(threshold, measured, clipped, finite, zero), clipped, finite,
+            *apply.step_scalars(limit, measured, clipped, finite, zero), clipped, finite,
             record, threshold)
         *scalars, clipped, finite, record, threshold = scalars
         # asarray: a Python number is a leaf optax accepts (optax.clip clips one).

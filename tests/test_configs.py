@@ -74,3 +74,19 @@ def test_runs_under_strict_config(config, transform, tree):
         stack.enter_context(CONFIGS[config]())
         if "percentile" in transform or transform == "injected":
             assert np.isfinite(gc.norm_percentile(state, 90.0))
+
+
+@pytest.mark.parametrize("transform", ["norm", "value", "percentile", "skip_spikes"])
+def test_float64_tree_under_strict_promotion(transform):
+    # With x64, a float64 leaf makes the measure float64; it was compared with the float32
+    # threshold, a promotion strict mode refuses.
+    with jax.enable_x64(True), jax.numpy_dtype_promotion("strict"):
+        params = {"a": jnp.full((3,), 2.0, jnp.float64), "b": jnp.ones((2,), jnp.float32)}
+        tx = TRANSFORMS[transform]()
+        state = tx.init(params)
+        for scale in (1.0, 3.0, 0.5):
+            updates, state = jax.jit(tx.update)(scaled(params, scale), state, params)
+        assert [u.dtype for u in jax.tree.leaves(updates)] == [jnp.float64, jnp.float32]
+        stats = gc.host_stats(state)
+    norm = next(v for k, v in stats.items() if k.endswith("grad_norm"))
+    np.testing.assert_allclose(norm, 0.5 * np.sqrt(5.0), rtol=1e-6)
