@@ -1,6 +1,7 @@
 """The 10k-parameter MLP's clip + adam step at several commits, side by side in one run.
 
-Run: ``JAX_PLATFORMS=cpu python benchmarks/compare_commits.py [--seconds S] REV [REV ...]``,
+Run: ``JAX_PLATFORMS=cpu python benchmarks/compare_commits.py [--seconds S] [--dtype D] REV
+[REV ...]``,
 each ``REV`` a git revision of this repository, or ``.`` for the working tree.
 
 Each revision's ``gradclip_jax`` is taken with ``git archive`` into a temporary directory and
@@ -47,11 +48,11 @@ def import_revision(rev: str, index: int, into: pathlib.Path):
     return importlib.import_module(name)
 
 
-def main(revs: list[str], seconds: float) -> None:
+def main(revs: list[str], seconds: float, dtype: str = "float32") -> None:
     with tempfile.TemporaryDirectory() as tmp:
         sys.path.insert(0, tmp)
         mods = {rev: import_revision(rev, i, pathlib.Path(tmp)) for i, rev in enumerate(revs)}
-        params = shapes.tiny_mlp(jnp.float32)
+        params = shapes.tiny_mlp(jnp.dtype(dtype))
         for loop in (LOOP, None):
             fns = {}
             for rev, gc in mods.items():
@@ -65,7 +66,7 @@ def main(revs: list[str], seconds: float) -> None:
             times = bench.interleaved_times(fns, 50, budget_s=seconds)
             how = f"{LOOP} steps in a jitted loop" if loop else "one call per step"
             print(bench.side_by_side(times, f"norm clip @ {revs[0]}", loop or 1,
-                                     f"10k MLP, float32, {how}"))
+                                     f"10k MLP, {dtype}, {how}"))
 
 
 if __name__ == "__main__":
@@ -73,5 +74,7 @@ if __name__ == "__main__":
     parser.add_argument("revs", nargs="+", help="git revisions, or . for the working tree")
     parser.add_argument("--seconds", type=float, default=30.0,
                         help="timing budget per table (default 30)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="the MLP's parameter dtype (default float32)")
     args = parser.parse_args()
-    main(args.revs, args.seconds)
+    main(args.revs, args.seconds, args.dtype)
