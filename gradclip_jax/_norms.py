@@ -73,10 +73,10 @@ def wide_dtype(dtype: Any) -> Any:
 
 
 def widest_float(dtypes: Any) -> Any:
-    """float64 when any of ``dtypes`` is float64 or complex128, else float32 (as
-    ``jnp.result_type(float32, *dtypes)`` for these, without JAX's promotion rules)."""
-    wide = {jnp.dtype(jnp.float64), jnp.dtype(jnp.complex128)}
-    return jnp.float64 if any(jnp.dtype(d) in wide for d in dtypes) else jnp.float32
+    """The widest accumulation dtype of ``dtypes``: float64 when any is float64 or complex128,
+    else float32 (``jnp.result_type(float32, *accumulation dtypes)`` without JAX's promotion
+    rules, which strict mode would apply)."""
+    return jnp.float64 if any(_accum_dtype(d) == jnp.float64 for d in dtypes) else jnp.float32
 
 
 def _as_real(x: jax.Array, kind: str, acc: Any) -> tuple[str, jax.Array]:

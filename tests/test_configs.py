@@ -15,6 +15,7 @@ import optax
 import pytest
 
 import gradclip_jax as gc
+from tests.helpers import CLIPS
 
 CONFIGS = {
     "rank promotion raise": lambda: jax.numpy_rank_promotion("raise"),
@@ -23,10 +24,7 @@ CONFIGS = {
 }
 
 TRANSFORMS = {
-    "norm": lambda: gc.clip_by_global_norm(1.0),
-    "norm ord inf": lambda: gc.clip_by_global_norm(1.0, ord=float("inf")),
-    "value": lambda: gc.clip_by_value(0.5),
-    "percentile": lambda: gc.percentile_clip(name="adaptive"),
+    **CLIPS,
     "percentile p90, decay, schedule": lambda: gc.percentile_clip(
         90.0, window=None, decay=0.99, max_norm=optax.linear_schedule(1.0, 2.0, 10)),
     "percentile start": lambda: gc.percentile_clip(start=0.25),

@@ -13,13 +13,13 @@ import optax
 import pytest
 
 import gradclip_jax as gc
+from tests.helpers import CLIPS
 
 PARAMS = {"w": jnp.ones((7, 5)), "b": jnp.zeros(5)}
 
 TRANSFORMS = {
-    "norm": lambda: optax.chain(gc.clip_by_global_norm(1.0), optax.adam(1e-3)),
-    "value": lambda: optax.chain(gc.clip_by_value(0.1), optax.adam(1e-3)),
-    "percentile": lambda: optax.chain(gc.percentile_clip(), optax.adam(1e-3)),
+    **{name: (lambda clip=clip: optax.chain(clip(), optax.adam(1e-3)))
+       for name, clip in CLIPS.items()},
     "percentile, no window": lambda: optax.chain(gc.percentile_clip(90.0, window=None),
                                                  optax.sgd(0.1, momentum=0.9)),
     "percentile_clipped": lambda: gc.percentile_clipped(optax.adamw(1e-3)),
