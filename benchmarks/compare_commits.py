@@ -1,7 +1,7 @@
 """The 10k-parameter MLP's clip + adam step at several commits, side by side in one run.
 
-Run: ``JAX_PLATFORMS=cpu python benchmarks/compare_commits.py [--seconds S] [--dtype D] REV
-[REV ...]``,
+Run: ``JAX_PLATFORMS=cpu python benchmarks/compare_commits.py [--seconds S] [--dtype D]
+[--mode loop|call|eager] REV [REV ...]``,
 each ``REV`` a git revision of this repository, or ``.`` for the working tree.
 
 Each revision's ``gradclip_jax`` is taken with ``git archive`` into a temporary directory and
@@ -9,7 +9,8 @@ imported under a name of its own (``gradclip_at_<n>``, its imports rewritten to 
 that every revision's steps are compiled in one process and timed in one interleaved run:
 machine load then moves them together, and the ratios compare code, not moments. The table
 gives each step (the norm, value and percentile clips, chained with ``optax.adam``; 100
-steps in a jitted loop, then one call per step) over the first revision's norm clip step in
+steps in a jitted loop, then one call per step; with ``--mode eager``, the step called without
+``jax.jit``, beside optax's clip) over the first revision's norm clip step in
 the same round, median over rounds and 95% interval, as ``gradclip-jax bench`` does. The
 tiny model is where a clip's per-step scalar work shows most (item 3 of the speed issue).
 """
@@ -48,25 +49,38 @@ def import_revision(rev: str, index: int, into: pathlib.Path):
     return importlib.import_module(name)
 
 
-def main(revs: list[str], seconds: float, dtype: str = "float32") -> None:
+MODES = ("loop", "call", "eager")
+HOW = {"loop": f"{LOOP} steps in a jitted loop", "call": "one call per step",
+       "eager": "one eager step per call (no jit)"}
+
+
+def main(revs: list[str], seconds: float, dtype: str = "float32",
+         modes: tuple[str, ...] = ("loop", "call")) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         sys.path.insert(0, tmp)
         mods = {rev: import_revision(rev, i, pathlib.Path(tmp)) for i, rev in enumerate(revs)}
         params = shapes.tiny_mlp(jnp.dtype(dtype))
-        for loop in (LOOP, None):
+        for mode in modes:
+            loop = LOOP if mode == "loop" else None
             fns = {}
             for rev, gc in mods.items():
                 clips = [("norm clip", gc.clip_by_global_norm(1.0)),
                          ("value clip", gc.clip_by_value(1.0)),
                          ("percentile clip", gc.percentile_clip())]
                 for kind, clip in clips:
-                    run = bench._step_runner(optax.chain(clip, optax.adam(1e-3)), params, loop)
+                    run = bench._step_runner(optax.chain(clip, optax.adam(1e-3)), params, loop,
+                                             eager=mode == "eager")
                     jax.block_until_ready(run())
                     fns[f"{kind} @ {rev}"] = run
+            if mode == "eager":
+                run = bench._step_runner(
+                    optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3)), params,
+                    eager=True)
+                jax.block_until_ready(run())
+                fns["optax.clip_by_global_norm"] = run
             times = bench.interleaved_times(fns, 50, budget_s=seconds)
-            how = f"{LOOP} steps in a jitted loop" if loop else "one call per step"
             print(bench.side_by_side(times, f"norm clip @ {revs[0]}", loop or 1,
-                                     f"10k MLP, {dtype}, {how}"))
+                                     f"10k MLP, {dtype}, {HOW[mode]}"))
 
 
 if __name__ == "__main__":
@@ -76,5 +90,9 @@ if __name__ == "__main__":
                         help="timing budget per table (default 30)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="the MLP's parameter dtype (default float32)")
+    parser.add_argument("--mode", action="append", choices=MODES,
+                        help="how each step is timed (repeatable; default: loop and call): "
+                        + "; ".join(f"{m}: {h}" for m, h in HOW.items())
+                        + "; eager also times optax's clip")
     args = parser.parse_args()
-    main(args.revs, args.seconds, args.dtype)
+    main(args.revs, args.seconds, args.dtype, tuple(args.mode or ("loop", "call")))

@@ -23,7 +23,7 @@ import optax
 from jax.extend import core as jcore
 
 from gradclip_jax import _norms
-from gradclip_jax._core import MEASURED, ClipName, computed_once
+from gradclip_jax._core import MEASURED, ClipName, computed_once, runs_eagerly
 from gradclip_jax._flax_interop import register_flax_serialization
 from gradclip_jax._mapping import DEFAULT_RANGE
 from gradclip_jax._sketch import NormSketch, sketch_add, sketch_init
@@ -284,7 +284,7 @@ def skip_spikes(
             inner_state=inner.init(params), name=ClipName(name),
         )
 
-    def update_fn(updates, state, params=None, **extra_args):
+    def step(updates, state, params, extra_args):
         loss = extra_args.get("loss")
         measures = _norms.reduce_tree(updates, (_norms.SUMSQ,), axis_name)
         norm = _norms.l2_from(measures).astype(jnp.float32)
@@ -338,5 +338,17 @@ def skip_spikes(
             name=state.name,
         )
         return new_updates, new_state
+
+    compiled = jax.jit(step)
+    # Settings injected as arrays (optax.inject_hyperparams builds a guard per step) would
+    # compile a program per step.
+    settings = (k, min_ratio, window, warmup_steps, max_consecutive)
+    injected = any(isinstance(x, jax.Array) for x in settings)
+
+    def update_fn(updates, state, params=None, **extra_args):
+        args = (updates, state, params, extra_args)
+        # Eagerly, one compiled call (the step traces the inner transform for its replay on
+        # every call); under a trace, inline. See _core.runs_eagerly.
+        return (compiled if runs_eagerly(args) and not injected else step)(*args)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -58,7 +58,7 @@ def test_runs_under_strict_config(config, transform, tree):
         state = tx.init(params)
         update = jax.jit(tx.update)
         # Norms 1-4 times the base, a zero step (no norm, a zero division avoided) and a
-        # spike; eagerly once too, op by op.
+        # spike; eagerly once too (one compiled call).
         for i in range(24):
             scale = 0.0 if i == 3 else 40.0 if i == 17 else 1.0 + i % 4
             _, state = update(scaled(params, scale), state, params, loss=jnp.float32(i % 3))

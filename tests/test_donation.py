@@ -40,7 +40,7 @@ def test_state_leaves_are_distinct_buffers(name):
     ids = buffer_ids(state)
     assert len(set(ids)) == len(ids)
     grads = jax.tree.map(lambda x: jnp.full_like(x, 0.5), PARAMS)
-    _, state = tx.update(grads, state, PARAMS)  # eagerly, op by op
+    _, state = tx.update(grads, state, PARAMS)  # eagerly (one compiled call)
     ids = buffer_ids(state)
     assert len(set(ids)) == len(ids)
 

@@ -12,10 +12,11 @@ leaves, one huge leaf, a tiny MLP; see ``shapes.py``), in float32 and bfloat16:
   times in the same round, with a 95% interval (see ``paired_ratio``): on a shared machine a
   slow spell moves both runs of a round and cancels, where the fastest run of each, compared,
   did not (the same step timed twice differed by up to 1.29x that way). Trees whose adam step
-  takes under a millisecond are timed two more ways: one call per step with the parameters and
+  takes under a millisecond are timed three more ways: one call per step with the parameters and
   optimizer state donated to the step (``jax.jit(..., donate_argnums=...)``, as training loops
-  do, so the step writes into their buffers instead of allocating new ones), and
-  ``LOOP_STEPS`` steps inside one jitted loop, as a small model is trained in a ``scan``. A
+  do, so the step writes into their buffers instead of allocating new ones), ``LOOP_STEPS``
+  steps inside one jitted loop, as a small model is trained in a ``scan``, and eagerly: the
+  step called from Python without ``jax.jit``, as a notebook may train a small model. A
   call's dispatch costs more than such a step, so timed one call per step the clip's share is
   diluted and partly a cost per buffer of state; in the loop the step itself is what is
   measured.
@@ -131,19 +132,27 @@ def side_by_side(times: dict[str, np.ndarray], reference: str, steps_per_call: i
 
 LOOP_STEPS = 100
 LOOPED_BELOW_MS = 1.0
-"""Trees whose adam step is faster are also timed with the state donated, and in a jitted
-loop of ``LOOP_STEPS`` steps."""
+"""Trees whose adam step is faster are also timed with the state donated, in a jitted loop of
+``LOOP_STEPS`` steps, and eagerly (no ``jax.jit``)."""
 
 
 def _step_runner(tx: optax.GradientTransformation, params: Any, loop_steps: int | None = None,
-                 donate: bool = False):
+                 donate: bool = False, eager: bool = False):
     """A zero-argument function that runs one step (or ``loop_steps`` steps in one call).
 
     With ``donate``, each call donates the parameters and optimizer state of the call before
     it, as a training loop does: the step then writes into their buffers instead of new ones.
+    With ``eager``, the step is not jitted: ``tx.update`` and ``optax.apply_updates`` are
+    called from Python, as in a notebook that trains without ``jax.jit``.
     """
     state = tx.init(params)
     grads = jax.tree.map(lambda x: jnp.full_like(x, 0.01), params)
+    if eager:
+        def eager_step():
+            updates, _ = tx.update(grads, state, params)
+            return optax.apply_updates(params, updates)
+
+        return eager_step
     if donate:
         step = train_step(tx, donate=True)
         carry = [jax.tree.map(jnp.copy, params), state]
@@ -174,16 +183,18 @@ def _step_runner(tx: optax.GradientTransformation, params: Any, loop_steps: int 
 
 def bench_tree(name: str, params: Any, repeats: int, *, passes: bool = True,
                budget_s: float = 0.0, loop_steps: int | None = None,
-               donate: bool = False, optimizer: str = "adam") -> dict[str, Any]:
+               donate: bool = False, eager: bool = False,
+               optimizer: str = "adam") -> dict[str, Any]:
     """Step times of every transform chained with adam on ``params``, and their traffic.
 
     With ``loop_steps``, each timed call runs that many steps in a jitted loop, and the
     times are per step. With ``donate``, each call donates the last call's parameters and
-    state to the step. ``optimizer`` (a key of ``OPTIMIZERS``) replaces adam.
+    state to the step; with ``eager``, the step runs without ``jax.jit``. ``optimizer`` (a
+    key of ``OPTIMIZERS``) replaces adam.
     """
     adam = OPTIMIZERS[optimizer]()
     txs = transforms()
-    runner = lambda tx: _step_runner(tx, params, loop_steps, donate)  # noqa: E731
+    runner = lambda tx: _step_runner(tx, params, loop_steps, donate, eager)  # noqa: E731
     runners = {"adam": runner(adam)}
     runners.update({t: runner(optax.chain(tx, adam)) for t, tx in txs.items()})
     # The noise control: optax's clip compiled and timed a second time, side by side. Its
@@ -210,6 +221,8 @@ def bench_tree(name: str, params: Any, repeats: int, *, passes: bool = True,
         tree, timing = f"{name}, {loop_steps} steps in a jitted loop", "jitted loop"
     elif donate:
         tree, timing = f"{name}, state donated", "one call per step, state donated"
+    elif eager:
+        tree, timing = f"{name}, eager (no jit)", "one eager call per step, not jitted"
     return {
         "tree": tree,
         "timing": timing,
@@ -302,6 +315,9 @@ def run(*, quick: bool, json_path: str | None, progress: Any = None,
                                                    passes=False, budget_s=budget,
                                                    loop_steps=LOOP_STEPS,
                                                    optimizer=optimizer))
+                results["trees"].append(bench_tree(name, params, 11 if quick else 31,
+                                                   passes=False, budget_s=budget,
+                                                   eager=True, optimizer=optimizer))
             del params
             if progress is not None:
                 progress(1)
