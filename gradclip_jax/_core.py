@@ -25,8 +25,10 @@ is stored as float32's largest finite value.
 from __future__ import annotations
 
 import abc
+import contextlib
+import contextvars
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple, TypeAlias, Union
 
 import jax
@@ -234,13 +236,28 @@ def computed_once(*scalars: jax.Array) -> tuple[jax.Array, ...]:
                  for i, x in enumerate(scalars))
 
 
-MEASURED = "gradclip_measured"
-"""Extra argument by which a guard hands its measurement of the updates to a clip inside it."""
+_MEASURED: contextvars.ContextVar[tuple[list[Any], Mapping[str, jax.Array]] | None] = (
+    contextvars.ContextVar("gradclip_measured", default=None))
+"""What a guard measured of the updates it hands to its inner transform, while it calls it.
+
+Not an extra argument of ``update``: the inner chain passes extra arguments to every
+transform, and some refuse those they do not know (``optax.lbfgs``'s line search raised
+"not consumed by value_fn")."""
 
 
-def shared_measures(updates: Any, kinds: Sequence[str], extra_args: Mapping[str, Any]):
+@contextlib.contextmanager
+def measured(updates: Any, measures: Mapping[str, jax.Array]) -> Iterator[None]:
+    """While it lasts, a clip given these very ``updates`` takes ``measures`` as its own."""
+    token = _MEASURED.set((jax.tree.leaves(updates), measures))
+    try:
+        yield
+    finally:
+        _MEASURED.reset(token)
+
+
+def shared_measures(updates: Any, kinds: Sequence[str]) -> Mapping[str, jax.Array] | None:
     """The measures a guard took of these very updates (the same arrays), or None."""
-    shared = extra_args.get(MEASURED)
+    shared = _MEASURED.get()
     if shared is None:
         return None
     leaves, measures = shared
@@ -409,7 +426,7 @@ def clip_transformation(
     def update_fn(updates, state, params=None, **extra_args):
         del params
         check_update_leaves(updates, apply)
-        measures = shared_measures(updates, kinds, extra_args)
+        measures = shared_measures(updates, kinds)
         static = (rule, apply, nonfinite, axis_name)
         args = ((decay, recent_decay), updates, state, measures)
         # Eagerly, with a hashable configuration (not one injected as arrays), one compiled

@@ -23,7 +23,7 @@ import optax
 from jax.extend import core as jcore
 
 from gradclip_jax import _norms
-from gradclip_jax._core import MEASURED, ClipName, computed_once, runs_eagerly
+from gradclip_jax._core import ClipName, computed_once, measured, runs_eagerly
 from gradclip_jax._flax_interop import register_flax_serialization
 from gradclip_jax._mapping import DEFAULT_RANGE
 from gradclip_jax._sketch import NormSketch, sketch_add, sketch_init
@@ -304,8 +304,8 @@ def skip_spikes(
 
         def inner_step(grads, inner_state, params, measures, extra):
             # The clip inside recognises the measures by the identity of these leaves.
-            shared = {MEASURED: (jax.tree.leaves(grads), measures)}
-            return inner.update(grads, inner_state, params, **extra, **shared)
+            with measured(grads, measures):
+                return inner.update(grads, inner_state, params, **extra)
 
         new_updates, new_inner = _update_unless(
             skip, inner_step, (updates, state.inner_state, params, measures, extra_args),

@@ -162,3 +162,30 @@ def test_optax_monitor_and_snapshot_sit_beside_a_clip():
     assert float(optax.tree.get(state, "snapshot_norm")) == norm
     assert int(gc.stats(state)["clipped_steps"]) == 2
     assert 0.0 < float(optax.tree.get(state, "is_clipped_ema")) < 1.0
+
+
+@pytest.mark.parametrize("jitted", [True, False], ids=["jit", "eager"])
+def test_a_guard_around_lbfgs_passes_on_only_the_callers_arguments(jitted):
+    # optax.lbfgs's line search refuses extra arguments its value_fn does not take; the guard
+    # used to hand its measured norm to the clip inside as one ("not consumed by value_fn").
+    def loss_fn(p):
+        return 3.0 * jnp.sum((p["w"] - 2.0) ** 2) + jnp.sum(p["b"] ** 4)
+
+    def chain():
+        return optax.chain(gc.clip_by_global_norm(5.0), optax.lbfgs())
+
+    guarded, plain = gc.skip_spikes(chain()), chain()
+    runs = {}
+    for name, tx in (("guarded", guarded), ("plain", plain)):
+        update = jax.jit(tx.update, static_argnames="value_fn") if jitted else tx.update
+        params, state = PARAMS, tx.init(PARAMS)
+        for _ in range(6):
+            value, g = jax.value_and_grad(loss_fn)(params)
+            updates, state = update(g, state, params, value=value, grad=g, value_fn=loss_fn)
+            params = optax.apply_updates(params, updates)
+        runs[name] = (params, state)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6),
+                 runs["guarded"][0], runs["plain"][0])
+    assert float(loss_fn(runs["guarded"][0])) < 0.01 * float(loss_fn(PARAMS))
+    stats = gc.stats(runs["guarded"][1])
+    assert int(stats["skipped_steps"]) == 0 and int(stats["clipped_steps"]) >= 1
