@@ -91,6 +91,15 @@ def _as_real(x: jax.Array, kind: str, acc: Any) -> tuple[str, jax.Array]:
         # reduction. (float16 converts are written out whatever is done here: the CPU
         # backend's reduction library takes none.) One barrier per measure (the tag differs),
         # or the measures would share one copy.
+        if kind == SUMSQ_LO:
+            # Its scale passes the barrier with it: a scale of its own per leaf (one constant
+            # shared by every leaf of a shape would be broadcast once, written out, and read
+            # by each reduction), applied after the convert. Applied behind a second barrier,
+            # the float32 copy was that barrier's operand, and XLA >= 0.11 wrote it out (9
+            # passes over a bfloat16 tree instead of 3).
+            x, _, scale = lax.optimization_barrier(
+                (x, jnp.asarray(_TAGS[kind], jnp.int32), jnp.asarray(_LO_SCALE, acc)))
+            return kind, x.astype(acc) * scale
         x, _ = lax.optimization_barrier((x, jnp.asarray(_TAGS[kind], jnp.int32)))
         return kind, x.astype(acc)
     if kind == SUMSQ:
@@ -104,10 +113,7 @@ def _elementwise(kind: str, x: jax.Array) -> jax.Array:
     if kind == SUMSQ:
         return x * x
     if kind == SUMSQ_LO:
-        # A scale of its own per leaf (through a barrier): one constant shared by every leaf
-        # of a shape would be broadcast once, written out, and read by each reduction.
-        x, scale = lax.optimization_barrier((x, jnp.asarray(_LO_SCALE, x.dtype)))
-        return jnp.square(x * scale)
+        return x * x  # already scaled by _as_real
     if kind == _SQUARED:
         return x
     if kind == LINF:

@@ -35,6 +35,17 @@ compiler_figures = pytest.mark.skipif(
     "optax's clip. test_fewer_reads_than_optax_clip holds there too.")
 """The tests that pin this compiler's fusion figures: CI installs the newest jaxlib."""
 
+before_xla_0_11 = pytest.mark.skipif(
+    JAXLIB >= (0, 11, 0),
+    reason=f"a figure of the XLA in jaxlib 0.10 (here {jaxlib.__version__}; CI's Python 3.11 "
+    "gets 0.10.2, jaxlib >= 0.11 needs Python >= 3.12). Measured on jaxlib 0.11.2 and 0.12.0.1: "
+    "in bfloat16, Adam's two moment updates read the raw gradient again beside the rescaled "
+    "update (the clip's select of the unclipped leaf is fused into each), 5.0 passes where "
+    "0.10 has 3.0 (optax's clip: 9.0 there, 7.0 here); and optax.monitor's norm is no longer "
+    "merged with the clip's (2.0 passes). test_bfloat16_clips_read_less_than_optax_clip holds "
+    "on both.")
+"""Figures of jaxlib 0.10 that newer XLA does not reproduce (see the reason)."""
+
 
 @compiler_figures
 @pytest.mark.parametrize("name,clip", [
@@ -75,6 +86,7 @@ def test_the_measure_sees_optax_extra_passes():
 
 
 @compiler_figures
+@before_xla_0_11
 def test_the_optax_way_of_logging_the_norm_adds_no_read_to_a_clip():
     # optax's recipe for logging the norm before clipping: optax.monitor in front of the clip.
     # XLA merges the monitor's norm with the clip's, so logging costs no extra read; what
@@ -223,6 +235,7 @@ def test_bfloat16_norms_write_no_float32_copy(clip, passes):
 
 
 @compiler_figures
+@before_xla_0_11
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("clip", [gc.clip_by_global_norm(1.0), gc.percentile_clip()],
                          ids=["norm", "percentile"])
@@ -236,6 +249,21 @@ def test_bfloat16_rescale_costs_what_a_constant_scale_costs(clip, dtype):
     floor = extra_gradient_passes(optax.scale(0.5), params)
     assert floor == (0.0 if dtype == jnp.float32 else 2.0)
     assert extra_gradient_passes(clip, params) <= floor + 1.05
+
+
+@compiler_figures
+@pytest.mark.parametrize("clip,at_most", [
+    (gc.clip_by_global_norm(1.0), 5), (gc.percentile_clip(), 5), (gc.clip_by_value(1.0), 4)],
+    ids=["norm", "percentile", "value"])
+def test_bfloat16_clips_read_less_than_optax_clip(clip, at_most):
+    # On every XLA measured (jaxlib 0.10.2, 0.11.2, 0.12.0.1). With the float32 copy of each
+    # bfloat16 leaf that XLA >= 0.11 wrote out (the copy was a barrier's operand), the norm
+    # clip cost 9.0 passes there, as much as optax's clip, and the value clip 6.0.
+    params = [jnp.zeros((ODD,), jnp.bfloat16) for _ in range(8)] + [
+        jnp.zeros((1000, 257), jnp.bfloat16)]
+    theirs = extra_gradient_passes(optax.clip_by_global_norm(1.0), params)
+    ours = extra_gradient_passes(clip, params)
+    assert ours <= at_most + 0.05 and ours <= theirs - 2.95
 
 
 def _elementwise_ops(clip, dtype=jnp.float32, n_leaves=2):
