@@ -1,7 +1,7 @@
-"""The 10k-parameter MLP's clip + adam step at several commits, side by side in one run.
+"""A clip + adam step at several commits, side by side in one run (the 10k MLP by default).
 
 Run: ``JAX_PLATFORMS=cpu python benchmarks/compare_commits.py [--seconds S] [--dtype D]
-[--mode loop|call|eager] REV [REV ...]``,
+[--mode loop|call|eager] [--tree WORD] REV [REV ...]``,
 each ``REV`` a git revision of this repository, or ``.`` for the working tree.
 
 Each revision's ``gradclip_jax`` is taken with ``git archive`` into a temporary directory and
@@ -10,7 +10,7 @@ that every revision's steps are compiled in one process and timed in one interle
 machine load then moves them together, and the ratios compare code, not moments. The table
 gives each step (the norm, value and percentile clips, chained with ``optax.adam``; 100
 steps in a jitted loop, then one call per step; with ``--mode eager``, the step called without
-``jax.jit``, beside optax's clip) over the first revision's norm clip step in
+``jax.jit``), and optax's clip the same way, over the first revision's norm clip step in
 the same round, median over rounds and 95% interval, as ``gradclip-jax bench`` does. The
 tiny model is where a clip's per-step scalar work shows most (item 3 of the speed issue).
 """
@@ -55,11 +55,12 @@ HOW = {"loop": f"{LOOP} steps in a jitted loop", "call": "one call per step",
 
 
 def main(revs: list[str], seconds: float, dtype: str = "float32",
-         modes: tuple[str, ...] = ("loop", "call")) -> None:
+         modes: tuple[str, ...] = ("loop", "call"), tree: str = "MLP") -> None:
     with tempfile.TemporaryDirectory() as tmp:
         sys.path.insert(0, tmp)
         mods = {rev: import_revision(rev, i, pathlib.Path(tmp)) for i, rev in enumerate(revs)}
-        params = shapes.tiny_mlp(jnp.dtype(dtype))
+        (name, build), = bench.select_sets(shapes.shape_sets(quick=False), [tree]).items()
+        params = build(jnp.dtype(dtype))
         for mode in modes:
             loop = LOOP if mode == "loop" else None
             fns = {}
@@ -72,15 +73,14 @@ def main(revs: list[str], seconds: float, dtype: str = "float32",
                                              eager=mode == "eager")
                     jax.block_until_ready(run())
                     fns[f"{kind} @ {rev}"] = run
-            if mode == "eager":
-                run = bench._step_runner(
-                    optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3)), params,
-                    eager=True)
-                jax.block_until_ready(run())
-                fns["optax.clip_by_global_norm"] = run
+            run = bench._step_runner(
+                optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3)), params, loop,
+                eager=mode == "eager")
+            jax.block_until_ready(run())
+            fns["optax.clip_by_global_norm"] = run
             times = bench.interleaved_times(fns, 50, budget_s=seconds)
             print(bench.side_by_side(times, f"norm clip @ {revs[0]}", loop or 1,
-                                     f"10k MLP, {dtype}, {HOW[mode]}"))
+                                     f"{name}, {dtype}, {HOW[mode]}, jax {jax.__version__}"))
 
 
 if __name__ == "__main__":
@@ -93,6 +93,9 @@ if __name__ == "__main__":
     parser.add_argument("--mode", action="append", choices=MODES,
                         help="how each step is timed (repeatable; default: loop and call): "
                         + "; ".join(f"{m}: {h}" for m, h in HOW.items())
-                        + "; eager also times optax's clip")
+                        )
+    parser.add_argument("--tree", default="MLP", metavar="WORD",
+                        help="the bench's shape set whose name contains WORD (default: MLP, "
+                        "the 10k MLP); one set")
     args = parser.parse_args()
-    main(args.revs, args.seconds, args.dtype, tuple(args.mode or ("loop", "call")))
+    main(args.revs, args.seconds, args.dtype, tuple(args.mode or ("loop", "call")), args.tree)
