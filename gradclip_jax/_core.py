@@ -353,9 +353,10 @@ def _step(rule: ThresholdRule, apply: Apply, nonfinite: str,
 _compiled_step = jax.jit(_step, static_argnums=(0, 1, 2, 3))
 """``_step`` compiled once per rule, apply part and tree, for an ``update`` called eagerly.
 
-Run op by op, a step dispatches a hundred small operations: on a 10-leaf model, 14 to 18 ms
-against 4 ms for ``optax.clip_by_global_norm``, and 2 s for the first call of a process,
-which compiles each operation. Under a trace (``jit``, ``grad``, ``vmap``, ``shard_map``,
+Run op by op, a step dispatched about a hundred small operations: on the 10k MLP with adam,
+9.6 ms a step (the percentile clip 15.2 ms) against 4.7 ms with ``optax.clip_by_global_norm``
+and 3.2 ms compiled, and 2 to 4 s for the first call of a process, which compiled each
+operation. Under a trace (``jit``, ``grad``, ``vmap``, ``shard_map``,
 ``make_jaxpr``, a guard's replay) the step is traced inline as before, so a jitted training
 step compiles exactly what it did.
 """
