@@ -370,11 +370,15 @@ def _is_hashable(x: Any) -> bool:
     return True
 
 
-def runs_eagerly(args: Any) -> bool:
-    """Whether a step on ``args`` runs outside any trace, with only arrays and numbers in them
-    (what a compiled call takes: an extra argument such as L-BFGS's ``value_fn`` is not)."""
-    return all(isinstance(x, (jax.Array, np.ndarray, np.generic, bool, int, float, complex))
-               and not is_traced(x) for x in jax.tree.leaves(args))
+def compiles_eagerly(settings: Any, args: Any) -> bool:
+    """Whether a step on ``args`` should run as one compiled call: it runs outside any trace,
+    with only arrays and numbers in ``args`` (what a compiled call takes: an extra argument
+    such as L-BFGS's ``value_fn`` is not), and ``settings`` can key a program (hashable: not
+    arrays injected by ``optax.inject_hyperparams``, which rebuilds the transform at every
+    step and would compile a program per step)."""
+    return _is_hashable(settings) and all(
+        isinstance(x, (jax.Array, np.ndarray, np.generic, bool, int, float, complex))
+        and not is_traced(x) for x in jax.tree.leaves(args))
 
 
 def measure_kinds(apply: Apply) -> tuple[str, ...]:
@@ -430,9 +434,8 @@ def clip_transformation(
         measures = shared_measures(updates, kinds)
         static = (rule, apply, nonfinite, axis_name)
         args = ((decay, recent_decay), updates, state, measures)
-        # Eagerly, with a hashable configuration (not one injected as arrays), one compiled
-        # call; under a trace, inline.
-        eager = runs_eagerly(args) and _is_hashable(static)
-        return (_compiled_step if eager else _step)(*static, *args)
+        # Eagerly, one compiled call; under a trace, inline.
+        run = _compiled_step if compiles_eagerly(static, args) else _step
+        return run(*static, *args)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

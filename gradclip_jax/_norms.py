@@ -110,10 +110,8 @@ def _as_real(x: jax.Array, kind: str, acc: Any) -> tuple[str, jax.Array]:
 
 
 def _elementwise(kind: str, x: jax.Array) -> jax.Array:
-    if kind == SUMSQ:
-        return x * x
-    if kind == SUMSQ_LO:
-        return x * x  # already scaled by _as_real
+    if kind in (SUMSQ, SUMSQ_LO):
+        return x * x  # SUMSQ_LO's scale is applied by _as_real
     if kind == _SQUARED:
         return x
     if kind == LINF:

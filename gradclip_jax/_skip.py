@@ -23,7 +23,7 @@ import optax
 from jax.extend import core as jcore
 
 from gradclip_jax import _norms
-from gradclip_jax._core import ClipName, computed_once, measured, runs_eagerly
+from gradclip_jax._core import ClipName, compiles_eagerly, computed_once, measured
 from gradclip_jax._flax_interop import register_flax_serialization
 from gradclip_jax._mapping import DEFAULT_RANGE
 from gradclip_jax._sketch import NormSketch, sketch_add, sketch_init
@@ -340,15 +340,12 @@ def skip_spikes(
         return new_updates, new_state
 
     compiled = jax.jit(step)
-    # Settings injected as arrays (optax.inject_hyperparams builds a guard per step) would
-    # compile a program per step.
     settings = (k, min_ratio, window, warmup_steps, max_consecutive)
-    injected = any(isinstance(x, jax.Array) for x in settings)
 
     def update_fn(updates, state, params=None, **extra_args):
         args = (updates, state, params, extra_args)
         # Eagerly, one compiled call (the step traces the inner transform for its replay on
-        # every call); under a trace, inline. See _core.runs_eagerly.
-        return (compiled if runs_eagerly(args) and not injected else step)(*args)
+        # every call); under a trace, inline.
+        return (compiled if compiles_eagerly(settings, args) else step)(*args)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

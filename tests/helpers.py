@@ -48,3 +48,9 @@ def shapes_and_dtypes(tree):
 def all_finite(tree) -> bool:
     return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree)
                if jnp.issubdtype(jnp.result_type(x), jnp.inexact))
+
+
+def assert_same_bits(a, b):
+    """Two trees with the same leaves, bit for bit (NaNs in the same places)."""
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

@@ -14,7 +14,7 @@ import pytest
 
 import gradclip_jax as gc
 from gradclip_jax import _core
-from tests.helpers import CLIPS
+from tests.helpers import CLIPS, assert_same_bits
 
 GRADS = {"w": jnp.arange(1.0, 7.0).reshape(2, 3), "b": jnp.array([0.5, -2.0])}
 
@@ -50,11 +50,6 @@ def compiles_of(fn):
     before = _core._compiled_step._cache_size()
     fn()
     return _core._compiled_step._cache_size() - before
-
-
-def assert_same_bits(a, b):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 @pytest.mark.parametrize("name", sorted(CLIPS))
