@@ -174,6 +174,26 @@ def _update_unless(skip: jax.Array, step: Any, args: tuple, old_state: Any) -> t
     return jax.tree.unflatten(jax.tree.structure(out_shape), updates + state)
 
 
+LOSS_ARGS = ("loss", "value")
+"""The extra arguments the guard reads the loss from, in order: its own ``loss``, then optax's
+``value`` (the objective's value, which ``optax.lbfgs``, ``optax.contrib.reduce_on_plateau`` and
+``optax.polyak_sgd`` take), so a chain that needs ``value`` is guarded on its loss without a
+second argument that the inner transforms would be handed too."""
+
+
+def _loss_of(extra_args: dict[str, Any]) -> Any:
+    """The loss among the caller's extra arguments (see ``LOSS_ARGS``), or None."""
+    for key in LOSS_ARGS:
+        loss = extra_args.get(key)
+        if loss is None:
+            continue
+        if jnp.size(loss) != 1:
+            raise ValueError(f"skip_spikes: the loss ({key}=) must be a scalar, got an array "
+                             f"of shape {jnp.shape(loss)}")
+        return loss
+    return None
+
+
 def skip_spikes(
     inner: optax.GradientTransformation,
     *,
@@ -201,8 +221,11 @@ def skip_spikes(
     addition), the inner state is returned bit for bit (no
     moment update, no count increment) and the step is counted, with its reason. The loss is
     checked when passed as an extra argument, ``tx.update(grads, state, params, loss=loss)``
-    (optax's ``GradientTransformationExtraArgs`` convention); only positive losses are
-    compared (the statistics are of log-values), a non-finite loss always skips.
+    (optax's ``GradientTransformationExtraArgs`` convention), or as ``value=loss``, the name
+    optax's ``lbfgs``, ``contrib.reduce_on_plateau`` and ``polyak_sgd`` read it by (``loss``
+    first when both are given; either must be a scalar). Every extra argument is passed on to
+    ``inner``. Only positive losses are compared (the statistics are of log-values), a
+    non-finite loss always skips.
 
     Skipped and non-finite values never enter the statistics, so a NaN cannot poison them and
     a spike cannot widen the spread. A lasting change of scale is accepted after
@@ -285,7 +308,7 @@ def skip_spikes(
         )
 
     def step(updates, state, params, extra_args):
-        loss = extra_args.get("loss")
+        loss = _loss_of(extra_args)
         measures = _norms.reduce_tree(updates, (_norms.SUMSQ,), axis_name)
         norm = _norms.l2_from(measures).astype(jnp.float32)
         finite = jnp.isfinite(norm)

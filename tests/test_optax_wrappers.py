@@ -189,3 +189,5 @@ def test_a_guard_around_lbfgs_passes_on_only_the_callers_arguments(jitted):
     assert float(loss_fn(runs["guarded"][0])) < 0.01 * float(loss_fn(PARAMS))
     stats = gc.stats(runs["guarded"][1])
     assert int(stats["skipped_steps"]) == 0 and int(stats["clipped_steps"]) >= 1
+    # L-BFGS's `value` is the loss the guard judges: no `loss=` that L-BFGS would refuse.
+    assert int(runs["guarded"][1].losses.recorded) == 6

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import gradclip_jax as gc
+from tests.helpers import assert_same_bits
 
 PARAMS = {"w": jnp.ones((4,)), "b": jnp.zeros((2,))}
 
@@ -339,3 +340,48 @@ def test_losses_outside_the_range_are_not_judged():
         _, state = tx.update({"w": jnp.ones(2)}, state, params, loss=loss)
     assert int(gc.stats(state)["skipped_loss_spikes"]) == 0
     assert any("of the recent losses, 100% above" in f.message for f in gc.diagnose(state))
+
+
+def _plateau_chain():
+    return optax.chain(gc.clip_by_global_norm(1.0), optax.sgd(0.1),
+                       optax.contrib.reduce_on_plateau(patience=2, cooldown=0, accumulation_size=1))
+
+
+@pytest.mark.parametrize("jitted", [True, False], ids=["jit", "eager"])
+def test_optax_value_argument_is_the_guarded_loss(jitted):
+    # reduce_on_plateau (like lbfgs and polyak_sgd) reads the loss as `value`; passing it so,
+    # the guard judges it too, and a skipped loss spike never reaches the plateau's state.
+    tx = gc.skip_spikes(_plateau_chain(), warmup_steps=5)
+    update = jax.jit(tx.update) if jitted else tx.update
+    params = {"w": jnp.zeros(2)}
+    state = tx.init(params)
+    losses = lognormal(3, 20) + 1.0
+    for loss in losses:
+        _, state = update({"w": jnp.ones(2)}, state, params, value=jnp.float32(loss))
+    assert int(state.losses.recorded) == len(losses)
+    before = state.inner_state
+    _, state = update({"w": jnp.ones(2)}, state, params, value=jnp.float32(1e3))
+    stats = gc.stats(state)
+    assert int(stats["skipped_loss_spikes"]) == 1 and int(stats["skipped_steps"]) == 1
+    assert_same_bits(before, state.inner_state)
+
+
+def test_loss_comes_before_value_when_both_are_given():
+    tx = gc.skip_spikes(_plateau_chain(), warmup_steps=5)
+    params = {"w": jnp.zeros(2)}
+    state = tx.init(params)
+    for loss in lognormal(4, 20) + 1.0:
+        _, state = tx.update({"w": jnp.ones(2)}, state, params, loss=jnp.float32(loss),
+                             value=jnp.float32(1e3 * loss))
+    assert int(gc.stats(state)["skipped_steps"]) == 0
+    _, state = tx.update({"w": jnp.ones(2)}, state, params, loss=jnp.float32(1e3),
+                         value=jnp.float32(1.5))
+    assert int(gc.stats(state)["skipped_loss_spikes"]) == 1
+
+
+@pytest.mark.parametrize("key", ["loss", "value"])
+def test_a_loss_that_is_not_a_scalar_gets_a_clear_error(key):
+    tx = gc.skip_spikes(optax.sgd(0.1))
+    params = {"w": jnp.zeros(2)}
+    with pytest.raises(ValueError, match=rf"loss \({key}=\) must be a scalar.*\(3,\)"):
+        tx.update({"w": jnp.ones(2)}, tx.init(params), params, **{key: jnp.ones(3)})
