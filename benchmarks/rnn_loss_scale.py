@@ -1,7 +1,8 @@
 """The vanilla-RNN scenarios with the loss multiplied by 100 and by 0.01: SGD is not scale-free.
 
-Run: ``JAX_PLATFORMS=cpu python benchmarks/rnn_loss_scale.py [SEEDS]`` (24 seeds: about 17 min
-on 2 CPU cores). It prints a table per optimizer and scale.
+Run: ``JAX_PLATFORMS=cpu python benchmarks/rnn_loss_scale.py [SEEDS] [PERCENTILE ...]`` (24
+seeds: about 17 min on 2 CPU cores). It prints a table per optimizer and scale. Each
+``PERCENTILE`` trains ``percentile_clip(PERCENTILE)`` beside the rest.
 
 ``gradclip-jax outcomes`` shifts the loss scale of the transformer, trained with AdamW, whose
 step does not depend on the gradient's scale. With SGD, a loss multiplied by k multiplies the
@@ -22,12 +23,13 @@ from gradclip_jax._cli.outcomes import harness, tasks
 SCALES = (100.0, 0.01)
 
 
-def main(seeds: int) -> None:
+def main(seeds: int, percentiles: tuple[float, ...] = ()) -> None:
     task = tasks.rnn(quick=False, seeds=seeds)
     arms = tuple(dataclasses.replace(a, scale=s) for s in SCALES for a in task.arms)
     task = dataclasses.replace(task, arms=arms)
     # The benchmark's own fixed thresholds, default and classic rule, not copies of them.
-    fams = [f for f in harness.families() if f.name in ("fixed", "default", "classic")]
+    fams = [f for f in harness.families(percentiles)
+            if f.name in ("fixed", "default", "classic", "percentiles")]
     start = time.time()
     logs = harness.run_task(task, fams)
     print(f"{seeds} seeds per learning rate, trained in {time.time() - start:.0f} s\n")
@@ -52,4 +54,4 @@ def main(seeds: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 24)
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 24, tuple(map(float, sys.argv[2:])))

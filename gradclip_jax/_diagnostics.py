@@ -114,15 +114,16 @@ def optimizer_kind(states: tuple[str, ...]) -> str:
     follow a clip in its chain, or all of an optimizer's): ``"adam"`` when one is Adam's
     (optax.adam, adamw and nadam keep a ``ScaleByAdamState``); ``"momentum"`` for a momentum
     trace (``TraceState``) with no state of an optimizer that normalises the step by the
-    gradient's scale (Adam, RMSProp, Adafactor, Lion...; a schedule does not); else
+    gradient's scale (Adam, RMSProp, Adafactor, Lion...; a schedule does not); ``"sgd"`` for
+    no optimizer state but a learning-rate schedule's (plain SGD: ``optax.sgd(lr)``); else
     ``"other"``. :func:`gradclip_jax.percentile_clipped` picks its rule by it, and
     :func:`gradclip_jax.diagnose` says what was measured for the kind a clip feeds."""
     if "ScaleByAdamState" in states:
         return "adam"
     normalising = [n for n in states if n not in ("ScaleByScheduleState", "TraceState")]
-    if "TraceState" in states and not normalising:
-        return "momentum"
-    return "other"
+    if normalising:
+        return "other"
+    return "momentum" if "TraceState" in states else "sgd"
 
 
 def optimizer_state_names(opt_state: Any) -> tuple[str, ...]:
@@ -557,7 +558,10 @@ def _diagnose_one(name: str, found: _Found) -> list[Finding]:
                 "threshold, and 36% on a vanilla RNN trained with SGD + momentum, where it "
                 "ended 7-31% above it (c=3, which took 9% off). There "
                 "percentile_clip(90.0, window=None) took 16% off and did as well as c=3: "
-                "with a momentum optimizer, try it.",
+                "with a momentum optimizer, try it. With plain SGD on that RNN, cutting "
+                "most steps did best: percentile_clip(10.0), which percentile_clipped picks "
+                "for plain SGD, took about half off and ended 4-15% below the best fixed "
+                "threshold, losing no run.",
             )
     return findings
 

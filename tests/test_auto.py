@@ -20,7 +20,9 @@ OPTIMIZERS = {
     "nesterov": (optax.sgd(1e-2, momentum=0.9, nesterov=True), "momentum"),
     "momentum_schedule": (optax.sgd(optax.linear_schedule(0.0, 1e-2, 10), momentum=0.9),
                           "momentum"),
-    "sgd": (optax.sgd(1e-2), "other"),
+    "sgd": (optax.sgd(1e-2), "sgd"),
+    "sgd_schedule": (optax.sgd(optax.linear_schedule(0.0, 1e-2, 10)), "sgd"),
+    "noisy_sgd": (optax.noisy_sgd(1e-2, key=jax.random.key(0)), "sgd"),
     "sgd_momentum_0": (optax.sgd(1e-2, momentum=0.0), "momentum"),  # a TraceState: documented
     "rmsprop": (optax.rmsprop(1e-3), "other"),
     "adafactor": (optax.adafactor(1e-2), "other"),
@@ -102,3 +104,23 @@ def test_bad_arguments_fail_at_construction():
         gc.percentile_clipped(optax.adam(1e-3), max_norm=-1.0)
     with pytest.raises(ValueError, match="nonfinite"):
         gc.percentile_clipped(optax.adam(1e-3), nonfinite="skip")
+
+
+@pytest.mark.parametrize("opt_name, low, high", [
+    ("sgd", 0.80, 0.97),  # the 10th percentile: about nine steps in ten
+    ("momentum", 0.03, 0.25),  # the classic 90th percentile of every norm
+    ("rmsprop", 0.35, 0.65),  # the default: the recent median
+])
+def test_how_often_each_rule_clips_stationary_norms(opt_name, low, high):
+    optimizer, _ = OPTIMIZERS[opt_name]
+    tx = gc.percentile_clipped(optimizer)
+    norms = np.exp(np.random.default_rng(1).normal(0.0, 0.4, 400)).astype(np.float32)
+
+    def step(state, norm):
+        g = jax.tree.map(lambda p: jnp.full(p.shape, norm / np.sqrt(18.0), p.dtype), PARAMS)
+        _, state = tx.update(g, state, PARAMS)
+        return state, None
+
+    state, _ = jax.lax.scan(step, tx.init(PARAMS), jnp.asarray(norms))
+    rate = int(gc.stats(state)["clipped_steps"]) / len(norms)
+    assert low <= rate <= high, rate
