@@ -22,21 +22,29 @@ CLIPS = {
 """Every clip transform, by name: factories taking the keyword arguments all of them accept."""
 
 
-def run_norm_stream(tx, norms, *, dim: int = 1):
+def _clip_state(state):
+    """The one clip state in ``state`` (itself, or the unnamed clip of a chain's state)."""
+    return state if isinstance(state, gc.ClipState) else gc.find_clip_states(state)[""]
+
+
+def run_norm_stream(tx, norms, *, dim: int = 1, params=None):
     """Feeds updates whose global L2 norm follows ``norms`` through ``tx`` under ``lax.scan``.
 
-    Returns (final state, output norms, thresholds applied, per-step clipped flags).
+    ``tx`` may be a clip or a chain holding one unnamed clip (given ``params`` for its
+    optimizer's ``init``, ``{"w": <dim floats>}``). Returns (final state, output norms,
+    thresholds applied, per-step clipped flags).
     """
     direction = jnp.ones((dim,), jnp.float32) / np.sqrt(dim)
 
     def step(state, norm):
-        out, new_state = tx.update({"w": direction * norm}, state)
+        out, new_state = tx.update({"w": direction * norm}, state, params)
         out_norm = jnp.sqrt(jnp.sum(out["w"] ** 2))
-        clipped = new_state.clipped_steps > state.clipped_steps
-        return new_state, (out_norm, new_state.threshold, clipped)
+        clip, new_clip = _clip_state(state), _clip_state(new_state)
+        clipped = new_clip.clipped_steps > clip.clipped_steps
+        return new_state, (out_norm, new_clip.threshold, clipped)
 
     state, (outs, thresholds, clipped) = jax.jit(lambda s, n: jax.lax.scan(step, s, n))(
-        tx.init(None), jnp.asarray(norms, jnp.float32)
+        tx.init(params), jnp.asarray(norms, jnp.float32)
     )
     return state, np.asarray(outs), np.asarray(thresholds), np.asarray(clipped)
 
