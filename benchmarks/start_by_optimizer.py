@@ -1,8 +1,12 @@
 """``percentile_clip(start=0.25)`` against the default, by optimizer, on the vanilla RNN.
 
 Run: ``JAX_PLATFORMS=cpu python benchmarks/start_by_optimizer.py adam|sgd [SEEDS] [FIRST_SEED]``
-(adam, 24 seeds: about 6 min on 2 CPU cores; sgd, 48 seeds: about 16 min). It prints a table
-per optimizer.
+(adam, 24 seeds: about 6 min on 2 CPU cores; sgd, 48 seeds: about 16 min), or
+``... MODEL-OPT [SEEDS] [FIRST_SEED]`` with OPT one of the normalising optimizers of
+``TRANSFORMER_OPTIMIZERS`` (Lion, Adafactor, RMSProp, AdaBelief), trained on the transformer
+or LSTM language model of ``gradclip-jax outcomes`` (MODEL ``transformer`` or ``lstm``) at
+natural loss scale in place of its AdamW or Adam, with starts of 0.25 and 0.1 (6 seeds: about
+8 min for the transformer). It prints a table per optimizer.
 
 The start cuts a run's first steps to about a quarter of its first norm while the norms fall.
 With Adam the step does not shrink with the gradient, and on ``gradclip-jax outcomes`` the start
@@ -25,6 +29,18 @@ import gradclip_jax as gc
 from gradclip_jax._cli.outcomes import harness, tasks
 
 ADAM_RATES = (1e-3, 3e-3, 1e-2, 3e-2)
+
+# Each with optax's defaults and the transformer's schedule; Lion's rates are a tenth of the
+# others' (its paper: 3-10x smaller than AdamW's, its sign update being larger).
+TRANSFORMER_OPTIMIZERS = {
+    "adafactor": (lambda s: optax.adafactor(s), 1.0),
+    "lion": (lambda s: optax.lion(s), 0.1),
+    "rmsprop": (lambda s: optax.rmsprop(s), 1.0),
+    "adabelief": (lambda s: optax.adabelief(s), 1.0),
+    # The language models' own (the transformer's AdamW, the LSTM's Adam), to compare starts.
+    "adamw": (lambda s: optax.adamw(s, b2=0.95, weight_decay=0.1), 1.0),
+    "adam": (lambda s: optax.adam(s), 1.0),
+}
 START = 0.25
 
 
@@ -33,12 +49,13 @@ def _fixed(cs: dict[str, float]) -> harness.Family:
         c, nonfinite="propagate"), {**cs, "c=1, perturbed (control)": harness.CONTROL_C})
 
 
-def _policies(fixed: dict[str, float]) -> list[harness.Family]:
+def _policies(fixed: dict[str, float],
+              starts: tuple[float, ...] = (START,)) -> list[harness.Family]:
     return [
         _fixed(fixed),
         harness.Family("default", lambda p, task: gc.percentile_clip(), {harness.DEFAULT: 0.0}),
         harness.Family("start", lambda s, task: gc.percentile_clip(start=s),
-                       {f"percentile_clip(start={START:g})": START}),
+                       {f"percentile_clip(start={s:g})": s for s in starts}),
     ]
 
 
@@ -52,6 +69,24 @@ def adam_task(seeds: int, first_seed: int) -> tasks.Task:
         scenarios=(tasks.Scenario("rnn_adam", "the vanilla RNN with Adam", lambda a: True),))
 
 
+LANGUAGE_MODELS = ("transformer", "lstm")
+
+
+def language_model_task(model: str, name: str, seeds: int, first_seed: int) -> tasks.Task:
+    """``model``'s task (a key of ``LANGUAGE_MODELS``) at natural loss scale, without injected
+    spikes, trained with the optimizer ``name`` in place of its own."""
+    base = tasks.TASKS[model](quick=False, seeds=seeds, first_seed=first_seed)
+    make, rate = TRANSFORMER_OPTIMIZERS[name]
+    schedule = lambda lr: tasks.warmup_cosine(lr, base.warmup, base.steps)  # noqa: E731
+    arms = tuple(dataclasses.replace(a, lr=a.lr * rate) for a in base.arms
+                 if a.scale == 1.0 and not a.spikes)
+    return dataclasses.replace(
+        base, name=f"{model}_{name}", arms=arms, spike_steps=(),
+        optimizer=lambda lr, momentum: make(schedule(lr)),
+        scenarios=(tasks.Scenario(f"{model}_{name}", f"the {model} with {name}",
+                                  lambda a: True),))
+
+
 def table(title: str, logs: dict, arm_lr: np.ndarray, idx: list[int]) -> None:
     """Markdown rows of the runs ``idx``, each policy against the default, paired by run."""
     finals = {p: harness.final_val({k: v[idx] for k, v in m.items()}) for p, m in logs.items()}
@@ -59,7 +94,8 @@ def table(title: str, logs: dict, arm_lr: np.ndarray, idx: list[int]) -> None:
     resampled = harness._bootstrap_runs(len(ref))  # the outcomes tables' paired bootstrap
     lr = arm_lr[idx]
     rates = sorted(set(lr.tolist()))
-    print(f"### {title} ({len(idx)} runs per policy; learning rates {rates})\n")
+    shown = ", ".join(f"{r:g}" for r in rates)
+    print(f"### {title} ({len(idx)} runs per policy; learning rates [{shown}])\n")
     print("| policy | final val loss | vs the default (95% interval) | runs lower | runs lost "
           "| steps clipped | per learning rate |")
     print("|---|---|---|---|---|---|---|")
@@ -85,8 +121,16 @@ def main(part: str, seeds: int, first_seed: int) -> None:
         fams = _policies({"c=1": 1.0, "c=3": 3.0})
         groups = [("plain SGD", lambda a: a.momentum == 0.0),
                   ("SGD + momentum 0.9", lambda a: a.momentum > 0.0)]
+    elif (part.partition("-")[0] in LANGUAGE_MODELS
+          and part.partition("-")[2] in TRANSFORMER_OPTIMIZERS):
+        model, _, name = part.partition("-")
+        task = language_model_task(model, name, seeds, first_seed)
+        fams = _policies({"c=0.3": 0.3, "c=1": 1.0, "c=3": 3.0}, starts=(START, 0.1))
+        groups = [(f"{model}, {name}, warmup + cosine", lambda a: True)]
     else:
-        raise SystemExit(f"part must be adam or sgd, got {part!r}")
+        raise SystemExit("part must be adam, sgd or MODEL-OPT with MODEL one of "
+                         f"{LANGUAGE_MODELS} and OPT one of {sorted(TRANSFORMER_OPTIMIZERS)}, "
+                         f"got {part!r}")
     start = time.time()
     logs = harness.run_task(task, fams)
     print(f"seeds {first_seed}..{first_seed + seeds - 1}, trained in {time.time() - start:.0f} s\n")
@@ -97,5 +141,6 @@ def main(part: str, seeds: int, first_seed: int) -> None:
 
 if __name__ == "__main__":
     args = sys.argv[1:]
-    main(args[0] if args else "adam", int(args[1]) if len(args) > 1 else 24,
+    default_seeds = 6 if args and args[0].partition("-")[0] in LANGUAGE_MODELS else 24
+    main(args[0] if args else "adam", int(args[1]) if len(args) > 1 else default_seeds,
          int(args[2]) if len(args) > 2 else 0)

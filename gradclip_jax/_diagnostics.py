@@ -109,16 +109,52 @@ def _locate(opt_state: Any) -> list[_Found]:
     return found
 
 
+ADAM_KIN = {
+    "ScaleByAdamState": "Adam",
+    "ScaleByBeliefState": "AdaBelief",
+    "FactoredState": "Adafactor",
+    "ScaleByLionState": "Lion",
+}
+"""The optax states of optimizers that normalise the step by a running scale of the gradient,
+on which a ``start`` was measured to end lower than the default, and their names: Adam's
+(optax.adam, adamw, nadam, and others built on ``scale_by_adam``), AdaBelief's and Adafactor's
+(kind ``"adam"``), and Lion's (kind ``"lion"``), on the transformer LM (README, "Which clip for
+which job")."""
+
+_START_MEASURED = {
+    "adam": (
+        "Measured on training runs (gradclip-jax outcomes --start 0.25), "
+        "percentile_clip(start=0.25), which cuts the first steps to about a quarter of the "
+        "first norm while the norms fall, as a fixed threshold below them would, ended lower "
+        "than the default with AdamW on a transformer LM (by 0.2%, within 0.2% of "
+        "clip_by_global_norm(1.0)), with Adam on an LSTM (by 1.3%, and by 3.9% with injected "
+        "gradient spikes) and on a vanilla RNN (by 2.5%, in 60 of 96 runs), and on the "
+        "transformer with Adafactor (1.0%) and AdaBelief (0.7%): try it"
+    ),
+    "lion": (
+        "Measured on training runs (the transformer LM of gradclip-jax outcomes with Lion in "
+        "place of AdamW, benchmarks/start_by_optimizer.py), percentile_clip(start=0.1), which "
+        "cuts the first steps to about a tenth of the first norm while the norms fall, ended "
+        "4.5% and 4.1% below the default on two sets of seeds, and 0.3% and 0.7% below "
+        "clip_by_global_norm(1.0), where the default ended 3.5% to 4.4% above it: try it"
+    ),
+}
+"""What a start did where the default fed each kind of optimizer that has one."""
+
+
 def optimizer_kind(states: tuple[str, ...]) -> str:
     """The kind of optimizer whose optax state types are named in ``states`` (those that
-    follow a clip in its chain, or all of an optimizer's): ``"adam"`` when one is Adam's
-    (optax.adam, adamw and nadam keep a ``ScaleByAdamState``); ``"momentum"`` for a momentum
-    trace (``TraceState``) with no state of an optimizer that normalises the step by the
-    gradient's scale (Adam, RMSProp, Adafactor, Lion...; a schedule does not); ``"sgd"`` for
-    no optimizer state but a learning-rate schedule's (plain SGD: ``optax.sgd(lr)``); else
-    ``"other"``. :func:`gradclip_jax.percentile_clipped` picks its rule by it, and
-    :func:`gradclip_jax.diagnose` says what was measured for the kind a clip feeds."""
-    if "ScaleByAdamState" in states:
+    follow a clip in its chain, or all of an optimizer's): ``"lion"`` when one is Lion's;
+    ``"adam"`` when one is Adam's or its kin's (``ADAM_KIN``: optax.adam, adamw, nadam,
+    adabelief, adafactor); ``"momentum"`` for a momentum trace (``TraceState``) with no state
+    of an optimizer that normalises the step by the gradient's scale (RMSProp and the rest; a
+    schedule does not); ``"sgd"`` for no optimizer state but a learning-rate schedule's (plain
+    SGD: ``optax.sgd(lr)``); else ``"other"``. :func:`gradclip_jax.percentile_clipped` picks
+    its rule by it, and :func:`gradclip_jax.diagnose` says what was measured for the kind a
+    clip feeds."""
+    if "ScaleByLionState" in states:
+        return "lion"
+    if any(n in ADAM_KIN for n in states):
         return "adam"
     normalising = [n for n in states if n not in ("ScaleByScheduleState", "TraceState")]
     if normalising:
@@ -446,19 +482,12 @@ def _diagnose_one(name: str, found: _Found) -> list[Finding]:
             + (" Its start (start=) cost there as well: ended 25% and 11% above the default "
                "on two sets of seeds; with momentum, leave it off." if started else ""),
         )
-    if s.recent is not None and found.after is None and not started and kind == "adam":
-        say(
-            "info",
-            "this windowed percentile clip feeds Adam (optax ScaleByAdamState) and has no "
-            "start. Measured on training runs (gradclip-jax outcomes --start 0.25), "
-            "percentile_clip(start=0.25), which cuts the first steps to about a quarter of "
-            "the first norm while the norms fall, as a fixed threshold below them would, "
-            "ended lower than the default with AdamW on a transformer LM (by 0.2%, within "
-            "0.2% of clip_by_global_norm(1.0)), with Adam on an LSTM (by 1.3%, and by 3.9% "
-            "with injected gradient spikes) and on a vanilla RNN (by 2.5%, in 60 of 96 runs): "
-            "with Adam or AdamW, try it (gradclip_jax.percentile_clipped(optimizer) picks "
-            "it for Adam, AdamW and NAdam).",
-        )
+    kin = ("ScaleByLionState" if kind == "lion"
+           else next((n for n in found.feeds if n in ADAM_KIN), ""))
+    if s.recent is not None and found.after is None and not started and kin:
+        say("info", f"this windowed percentile clip feeds {ADAM_KIN[kin]} (optax {kin}) and has "
+            f"no start. {_START_MEASURED[kind]} (gradclip_jax.percentile_clipped(optimizer) "
+            "picks it for this optimizer).")
     if steps == 0:
         say("info", "no steps recorded yet.")
         return findings
@@ -644,8 +673,9 @@ def diagnose(opt_state: Any) -> list[Finding]:
       training runs, and that with SGD a change of the loss scale is a change of the learning
       rate (give ``max_norm``), and, for a clip with a ``start``, what the start cost there;
     - a windowed percentile clip with no ``start`` followed in its chain by Adam (an optax
-      ``ScaleByAdamState``: adam, adamw, nadam): info, what ``percentile_clip(start=0.25)``
-      did with AdamW and Adam on training runs;
+      ``ScaleByAdamState``: adam, adamw, nadam), Adafactor, AdaBelief or Lion: info, naming
+      the optimizer, what ``percentile_clip(start=0.25)`` (for Lion ``start=0.1``) did with it
+      on training runs;
     - fewer than 20 steps: info, too few to judge (only the rules above apply);
     - clipped on under 1% of all steps: info, the threshold is fine;
     - frequent clipping earlier that has dropped to near zero: info, healthy;

@@ -25,8 +25,13 @@ OPTIMIZERS = {
     "sgd_schedule": (optax.sgd(optax.linear_schedule(0.0, 1e-2, 10)), "sgd"),
     "noisy_sgd": (optax.noisy_sgd(1e-2, key=jax.random.key(0)), "sgd"),
     "sgd_momentum_0": (optax.sgd(1e-2, momentum=0.0), "momentum"),  # a TraceState: documented
+    # Normalising optimizers on which the start was measured (the transformer LM): Adam's kin.
+    "adafactor": (optax.adafactor(1e-2), "adam"),
+    "lion": (optax.lion(1e-4), "lion"),
+    "adabelief": (optax.adabelief(1e-3), "adam"),
+    # Measured level with the default (RMSProp), or not measured: the default.
     "rmsprop": (optax.rmsprop(1e-3), "other"),
-    "adafactor": (optax.adafactor(1e-2), "other"),
+    "amsgrad": (optax.amsgrad(1e-3), "other"),
 }
 
 
@@ -43,11 +48,11 @@ def test_the_rule_is_the_one_measured_for_the_optimizer(opt_name):
     assert rule_for(optimizer.init(PARAMS)) == kind
     state = gc.percentile_clipped(optimizer).init(PARAMS)
     clip_state = gc.find_clip_states(state)[""]
-    assert clip_state.name.features == (("start",) if kind == "adam" else ())
+    assert clip_state.name.features == (("start",) if kind in ("adam", "lion") else ())
     assert (clip_state.recent is None) == (kind == "momentum")  # the classic rule: no window
 
 
-@pytest.mark.parametrize("opt_name", ["adamw", "momentum", "sgd"])
+@pytest.mark.parametrize("opt_name", ["adamw", "momentum", "sgd", "lion", "adafactor"])
 def test_it_trains_bit_for_bit_as_the_chain_it_names(opt_name):
     optimizer, kind = OPTIMIZERS[opt_name]
     ours = gc.percentile_clipped(optimizer, max_norm=20.0)
@@ -66,13 +71,14 @@ def test_it_trains_bit_for_bit_as_the_chain_it_names(opt_name):
 
 
 def test_diagnose_reads_it_as_a_chain_and_does_not_suggest_what_it_chose():
-    for optimizer in (optax.adamw(1e-2), optax.sgd(1e-2, momentum=0.9)):
+    for optimizer in (optax.adamw(1e-2), optax.lion(1e-4), optax.adafactor(1e-2),
+                      optax.sgd(1e-2, momentum=0.9)):
         tx = gc.percentile_clipped(optimizer)
         state = tx.init(PARAMS)
         for t in range(25):
             _, state = tx.update(grads(t), state, PARAMS)
         messages = " ".join(f.message for f in gc.diagnose(state))
-        assert "percentile_clip(start=0.25)" not in messages  # Adam: it has the start
+        assert "has no start" not in messages  # Adam and its kin, Lion: it has the start
         assert "TraceState" not in messages  # momentum: the classic rule, no window
         assert int(gc.stats(state)["count"]) == 25
         # The optax way reaches the clip's fields too (Adam's state also has a "count").
@@ -90,7 +96,7 @@ def test_under_skip_spikes_and_multisteps():
     assert int(gc.stats(state)["count"]) == 4  # the clip saw the 4 emitted steps
 
 
-@pytest.mark.parametrize("opt_name", ["adamw", "momentum", "sgd"])
+@pytest.mark.parametrize("opt_name", ["adamw", "momentum", "sgd", "lion", "adafactor"])
 def test_every_rule_takes_the_norm_range(opt_name):
     state = gc.percentile_clipped(OPTIMIZERS[opt_name][0], norm_range=(1e-3, 1e13)).init(PARAMS)
     clip_state = gc.find_clip_states(state)[""]
