@@ -34,7 +34,7 @@ def rule_for(opt_state: Any) -> str:
     nadam; or AdaBelief's or Adafactor's), ``"momentum"`` for SGD with
     momentum (a ``TraceState`` and no state of an optimizer that normalises the step),
     ``"sgd"`` for plain SGD (no state but a learning-rate schedule's), else ``"other"``
-    (optimizers the outcomes benchmark did not train)."""
+    (RMSProp, and optimizers no benchmark here trained)."""
     return optimizer_kind(optimizer_state_names(opt_state))
 
 
