@@ -13,12 +13,12 @@ cosine, as the task's Adam), paired by seed with the fixed thresholds, no clippi
 noise control (c = 1 + 2^-20).
 """
 
-import dataclasses
 import sys
 import time
 
 import numpy as np
 import optax
+from start_by_optimizer import with_optimizer  # run from the repository root: benchmarks/
 
 import gradclip_jax as gc
 from gradclip_jax._cli.outcomes import harness, tasks
@@ -28,11 +28,9 @@ RATES = (3.0, 10.0, 30.0, 100.0)
 
 def main(seeds: int, rates: tuple[float, ...]) -> None:
     base = tasks.lstm(quick=False, seeds=seeds)
-    schedule = lambda lr: tasks.warmup_cosine(lr, base.warmup, base.steps)  # noqa: E731
-    task = dataclasses.replace(
-        base, name="lstm_sgd", optimizer=lambda lr, momentum: optax.sgd(schedule(lr)),
-        arms=tuple(tasks.Arm(lr, s) for lr in rates for s in sorted({a.seed for a in base.arms})),
-        scenarios=(tasks.Scenario("lstm_sgd", "the LSTM with plain SGD", lambda a: True),))
+    seeds_run = sorted({a.seed for a in base.arms})
+    task = with_optimizer(base, "lstm_sgd", optax.sgd,
+                          (tasks.Arm(lr, s) for lr in rates for s in seeds_run))
     fams = [
         harness.Family("fixed", lambda c, t: gc.clip_by_global_norm(c, nonfinite="propagate"),
                        {"no clip": harness.NO_CLIP, "c=0.3": 0.3, "c=1": 1.0, "c=3": 3.0,

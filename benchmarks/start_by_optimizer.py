@@ -59,14 +59,21 @@ def _policies(fixed: dict[str, float],
     ]
 
 
-def adam_task(seeds: int, first_seed: int) -> tasks.Task:
-    base = tasks.rnn(quick=False, seeds=seeds, first_seed=first_seed)
+def with_optimizer(base: tasks.Task, name: str, make, arms) -> tasks.Task:
+    """``base`` trained with ``make(schedule)`` in place of its optimizer (the task's warmup +
+    cosine to each arm's peak rate), on ``arms``, as one scenario called ``name``."""
     schedule = lambda lr: tasks.warmup_cosine(lr, base.warmup, base.steps)  # noqa: E731
     return dataclasses.replace(
-        base, name="rnn_adam", optimizer=lambda lr, momentum: optax.adam(schedule(lr)),
-        arms=tuple(tasks.Arm(lr, s) for lr in ADAM_RATES for s in sorted({
-            a.seed for a in base.arms})),
-        scenarios=(tasks.Scenario("rnn_adam", "the vanilla RNN with Adam", lambda a: True),))
+        base, name=name, arms=tuple(arms), spike_steps=(),
+        optimizer=lambda lr, momentum: make(schedule(lr)),
+        scenarios=(tasks.Scenario(name, name.replace("_", " with "), lambda a: True),))
+
+
+def adam_task(seeds: int, first_seed: int) -> tasks.Task:
+    base = tasks.rnn(quick=False, seeds=seeds, first_seed=first_seed)
+    seeds_run = sorted({a.seed for a in base.arms})
+    return with_optimizer(base, "rnn_adam", optax.adam,
+                          (tasks.Arm(lr, s) for lr in ADAM_RATES for s in seeds_run))
 
 
 LANGUAGE_MODELS = ("transformer", "lstm")
@@ -77,14 +84,9 @@ def language_model_task(model: str, name: str, seeds: int, first_seed: int) -> t
     spikes, trained with the optimizer ``name`` in place of its own."""
     base = tasks.TASKS[model](quick=False, seeds=seeds, first_seed=first_seed)
     make, rate = TRANSFORMER_OPTIMIZERS[name]
-    schedule = lambda lr: tasks.warmup_cosine(lr, base.warmup, base.steps)  # noqa: E731
-    arms = tuple(dataclasses.replace(a, lr=a.lr * rate) for a in base.arms
-                 if a.scale == 1.0 and not a.spikes)
-    return dataclasses.replace(
-        base, name=f"{model}_{name}", arms=arms, spike_steps=(),
-        optimizer=lambda lr, momentum: make(schedule(lr)),
-        scenarios=(tasks.Scenario(f"{model}_{name}", f"the {model} with {name}",
-                                  lambda a: True),))
+    return with_optimizer(base, f"{model}_{name}", make,
+                          (dataclasses.replace(a, lr=a.lr * rate) for a in base.arms
+                           if a.scale == 1.0 and not a.spikes))
 
 
 def table(title: str, logs: dict, arm_lr: np.ndarray, idx: list[int]) -> None:
