@@ -34,7 +34,11 @@ def rule_for(opt_state: Any) -> str:
     nadam; or AdaBelief's or Adafactor's), ``"momentum"`` for SGD with
     momentum (a ``TraceState`` and no state of an optimizer that normalises the step),
     ``"sgd"`` for plain SGD (no state but a learning-rate schedule's), else ``"other"``
-    (RMSProp, and optimizers no benchmark here trained)."""
+    (RMSProp, and optimizers no benchmark here trained: any other optax state, those of
+    ``optax.contrib``'s optimizers that set their own step size included). Wrappers
+    (``inject_hyperparams``, ``MultiSteps``, ``masked``, ...) are read through. Optimizers
+    that keep no state (``sign_sgd``, ``polyak_sgd``, ``fromage``) cannot be told from plain
+    SGD, nor a trust ratio (``lars``) from SGD with momentum."""
     return optimizer_kind(optimizer_state_names(opt_state))
 
 
@@ -77,7 +81,8 @@ def percentile_clipped(
       At loss x0.01, where no fixed threshold clips, it ended 7.0% above them (the default
       2.8%): with SGD and a loss scale that may change, give ``max_norm`` (below).
     - Anything else (RMSProp, with which the start was level with the default, and optimizers
-      not trained there): ``percentile_clip()``.
+      not trained there, such as ``optax.contrib``'s Prodigy, D-Adaptation, DoG or
+      schedule-free, which set their own step size from the gradients): ``percentile_clip()``.
 
     The kind is read from the state's types, not from hyperparameters: ``optax.sgd(lr,
     momentum=0.0)`` keeps a ``TraceState`` (of decay 0) and counts as momentum; for plain SGD

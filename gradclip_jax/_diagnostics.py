@@ -33,7 +33,17 @@ SHARE_HIGH = 0.30  # share of the recent norms' sum a windowed percentile clip t
 # SGD + momentum
 OUTSIDE_SHARE = 0.01  # share of the recorded values outside the histogram's range, from
 # which diagnose reports it
-_OPTIMIZER_STATES = ("ScaleBy", "TraceState", "FactoredState")  # optax states of optimizers
+_STATISTICS_ONLY = ("ScaleBy", "TraceState", "FactoredState")  # optax optimizer states that
+# hold no other state
+_NOT_OPTIMIZERS = frozenset({
+    # optax states that hold no optimizer's statistics: wrappers, whose inner states are read
+    # through, and parts that schedule, log or guard the updates without choosing their step
+    "EmptyState", "InjectHyperparamsState", "InjectStatefulHyperparamsState",
+    "WrappedScheduleState", "MultiStepsState", "MaskedState", "ApplyIfFiniteState",
+    "ConditionallyMaskState", "ConditionallyTransformState", "PartitionState",
+    "MultiTransformState", "MonitorState", "SnapshotState", "ZeroNansState",
+    "NonNegativeParamsState", "AddNoiseState", "ReduceLROnPlateauState",
+})
 
 
 def _leaf(x: Any) -> jax.Array:
@@ -70,8 +80,18 @@ def _key_name(key: Any) -> str:
 
 
 def _is_optimizer_state(x: Any) -> bool:
+    # Any state of optax's (optax.contrib's included) but those of _NOT_OPTIMIZERS: an
+    # optimizer this module does not know by name counts as one, whose kind is "other".
     cls = type(x)
-    return cls.__module__.startswith("optax") and cls.__name__.startswith(_OPTIMIZER_STATES)
+    return (cls.__module__.startswith("optax") and cls.__name__.endswith("State")
+            and cls.__name__ not in _NOT_OPTIMIZERS)
+
+
+def _may_hold_states(x: Any) -> bool:
+    """Whether states may sit inside ``x``: not in a clip's, nor in the states of optax's own
+    optimizers (their statistics only), which are not walked, as a model's moments are large."""
+    return not (isinstance(x, ClipState)
+                or (_is_optimizer_state(x) and type(x).__name__.startswith(_STATISTICS_ONLY)))
 
 
 def _is_node(x: Any) -> bool:
@@ -94,8 +114,29 @@ def _in_one_chain(path: tuple, other_path: tuple) -> bool:
     return n < len(path) and isinstance(path[n], jax.tree_util.SequenceKey)
 
 
+def _state_nodes(opt_state: Any) -> list[tuple[tuple, Any]]:
+    """``(path, state)`` of every clip state and optimizer state in ``opt_state``, in the
+    order of its leaves; a state inside an optimizer's (the inner optimizer of
+    ``optax.lookahead`` or ``optax.contrib.schedule_free``, a clip in it) follows it."""
+    nodes: list[tuple[tuple, Any]] = []
+
+    def visit(tree: Any, prefix: tuple) -> None:
+        inner = lambda x: x is not tree and _is_node(x)  # noqa: E731
+        for path, node in jax.tree_util.tree_flatten_with_path(tree, is_leaf=inner)[0]:
+            if node is not tree and _is_node(node):
+                nodes.append((prefix + path, node))
+                if _may_hold_states(node):
+                    visit(node, prefix + path)
+
+    if _is_node(opt_state):
+        nodes.append(((), opt_state))
+    if _may_hold_states(opt_state):
+        visit(opt_state, ())
+    return nodes
+
+
 def _locate(opt_state: Any) -> list[_Found]:
-    nodes = jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=_is_node)[0]
+    nodes = _state_nodes(opt_state)
     found = []
     for i, (path, node) in enumerate(nodes):
         if not isinstance(node, ClipState):
@@ -149,9 +190,10 @@ def optimizer_kind(states: tuple[str, ...]) -> str:
     adabelief, adafactor); ``"momentum"`` for a momentum trace (``TraceState``) with no state
     of an optimizer that normalises the step by the gradient's scale (RMSProp and the rest; a
     schedule does not); ``"sgd"`` for no optimizer state but a learning-rate schedule's (plain
-    SGD: ``optax.sgd(lr)``); else ``"other"``. :func:`gradclip_jax.percentile_clipped` picks
-    its rule by it, and :func:`gradclip_jax.diagnose` says what was measured for the kind a
-    clip feeds."""
+    SGD: ``optax.sgd(lr)``); else ``"other"`` (any other optax state is an optimizer's, those
+    of ``optax.contrib`` included, so an optimizer not known by name is not taken for SGD).
+    :func:`gradclip_jax.percentile_clipped` picks its rule by it, and
+    :func:`gradclip_jax.diagnose` says what was measured for the kind a clip feeds."""
     if "ScaleByLionState" in states:
         return "lion"
     if any(n in ADAM_KIN for n in states):
@@ -164,8 +206,8 @@ def optimizer_kind(states: tuple[str, ...]) -> str:
 
 def optimizer_state_names(opt_state: Any) -> tuple[str, ...]:
     """The type names of the optax optimizer states in ``opt_state``, in order."""
-    states = jax.tree.leaves(opt_state, is_leaf=_is_optimizer_state)
-    return tuple(type(s).__name__ for s in states if _is_optimizer_state(s))
+    return tuple(type(s).__name__ for _, s in _state_nodes(opt_state)
+                 if _is_optimizer_state(s))
 
 
 def _keyed(found: list[_Found], opt_state: Any, *, required: bool = True) -> dict[str, _Found]:

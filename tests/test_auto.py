@@ -32,6 +32,17 @@ OPTIMIZERS = {
     # Measured level with the default (RMSProp), or not measured: the default.
     "rmsprop": (optax.rmsprop(1e-3), "other"),
     "amsgrad": (optax.amsgrad(1e-3), "other"),
+    # Optimizers that set their own step size from the gradients' statistics (optax.contrib),
+    # whose states the rule knows not by name: the default, not plain SGD's rule.
+    "prodigy": (optax.contrib.prodigy(), "other"),
+    "dadapt_adamw": (optax.contrib.dadapt_adamw(), "other"),
+    "dog": (optax.contrib.dog(), "other"),
+    "cocob": (optax.contrib.cocob(), "other"),
+    "schedule_free_sgd": (optax.contrib.schedule_free_sgd(1e-2), "other"),
+    "schedule_free_adamw": (optax.contrib.schedule_free_adamw(1e-3), "other"),
+    "momo": (optax.contrib.momo(), "other"),
+    # Optimizers that keep no state cannot be told from plain SGD (README): SGD's rule.
+    "sign_sgd": (optax.sign_sgd(1e-2), "sgd"),
 }
 
 

@@ -265,7 +265,9 @@ def test_too_few_steps_are_not_judged():
 
 
 @pytest.mark.parametrize("optimizer", [optax.adam(1e-3), optax.sgd(0.1, momentum=0.9),
-                                       optax.adafactor(1e-3), optax.rmsprop(1e-3)])
+                                       optax.adafactor(1e-3), optax.rmsprop(1e-3),
+                                       optax.contrib.prodigy(), optax.contrib.dog()],
+                         ids=["adam", "momentum", "adafactor", "rmsprop", "prodigy", "dog"])
 def test_a_clip_after_the_optimizer_is_flagged(optimizer):
     state = run(optax.chain(optimizer, gc.clip_by_global_norm(1.0)), [1.0] * 30)
     warnings_ = [f for f in gc.diagnose(state) if f.level == "warning"]
@@ -273,6 +275,18 @@ def test_a_clip_after_the_optimizer_is_flagged(optimizer):
     assert "comes after an optimizer" in warnings_[0].message
     assert "optax.chain(clip, optimizer)" in warnings_[0].message
     state = run(optax.chain(gc.clip_by_global_norm(1.0), optimizer), [1.0] * 30)
+    assert not any("after an optimizer" in f.message for f in gc.diagnose(state))
+
+
+@pytest.mark.parametrize("wrapper", ["schedule_free", "mechanize", "multi_steps"])
+def test_a_clip_inside_an_optimizer_that_wraps_another_is_found(wrapper):
+    # These optimizers keep the inner optimizer's state inside their own, which is walked.
+    inner = optax.chain(gc.clip_by_global_norm(1.0), optax.sgd(0.1))
+    tx = {"schedule_free": lambda: optax.contrib.schedule_free(inner, 0.1),
+          "mechanize": lambda: optax.contrib.mechanize(inner),
+          "multi_steps": lambda: optax.MultiSteps(inner, 1)}[wrapper]()
+    state = run(tx, [3.0] * 5)
+    assert int(gc.stats(state)["clipped_steps"]) == 5
     assert not any("after an optimizer" in f.message for f in gc.diagnose(state))
 
 
