@@ -3,7 +3,7 @@
 Run: ``JAX_PLATFORMS=cpu python benchmarks/start_by_optimizer.py adam|sgd [SEEDS] [FIRST_SEED]``
 (adam, 24 seeds: about 6 min on 2 CPU cores; sgd, 48 seeds: about 16 min), or
 ``... MODEL-OPT [SEEDS] [FIRST_SEED]`` with OPT one of the normalising optimizers of
-``TRANSFORMER_OPTIMIZERS`` (Lion, Adafactor, RMSProp, AdaBelief), trained on the transformer
+``TRANSFORMER_OPTIMIZERS`` (Lion, Adafactor, RMSProp, AdaBelief, Muon), trained on the transformer
 or LSTM language model of ``gradclip-jax outcomes`` (MODEL ``transformer`` or ``lstm``) at
 natural loss scale in place of its AdamW or Adam, with starts of 0.25 and 0.1 (6 seeds: about
 8 min for the transformer). It prints a table per optimizer.
@@ -37,6 +37,9 @@ TRANSFORMER_OPTIMIZERS = {
     "lion": (lambda s: optax.lion(s), 0.1),
     "rmsprop": (lambda s: optax.rmsprop(s), 1.0),
     "adabelief": (lambda s: optax.adabelief(s), 1.0),
+    # Muon: Newton-Schulz orthogonalised momentum for the matrices, Adam for the rest (optax's
+    # defaults, one learning rate for both); its step does not grow with the gradient's scale.
+    "muon": (lambda s: optax.contrib.muon(s), 1.0),
     # The language models' own (the transformer's AdamW, the LSTM's Adam), to compare starts.
     "adamw": (lambda s: optax.adamw(s, b2=0.95, weight_decay=0.1), 1.0),
     "adam": (lambda s: optax.adam(s), 1.0),

@@ -28,6 +28,7 @@ OPTIMIZERS = {
     # Normalising optimizers on which the start was measured (the transformer LM): Adam's kin.
     "adafactor": (optax.adafactor(1e-2), "adam"),
     "lion": (optax.lion(1e-4), "lion"),
+    "muon": (optax.contrib.muon(1e-2), "muon"),  # Adam's state too, for the vector "b"
     "adabelief": (optax.adabelief(1e-3), "adam"),
     # Measured level with the default (RMSProp), or not measured: the default.
     "rmsprop": (optax.rmsprop(1e-3), "other"),
@@ -59,11 +60,11 @@ def test_the_rule_is_the_one_measured_for_the_optimizer(opt_name):
     assert rule_for(optimizer.init(PARAMS)) == kind
     state = gc.percentile_clipped(optimizer).init(PARAMS)
     clip_state = gc.find_clip_states(state)[""]
-    assert clip_state.name.features == (("start",) if kind in ("adam", "lion") else ())
+    assert clip_state.name.features == (("start",) if kind in ("adam", "lion", "muon") else ())
     assert (clip_state.recent is None) == (kind == "momentum")  # the classic rule: no window
 
 
-@pytest.mark.parametrize("opt_name", ["adamw", "momentum", "sgd", "lion", "adafactor"])
+@pytest.mark.parametrize("opt_name", ["adamw", "momentum", "sgd", "lion", "adafactor", "muon"])
 def test_it_trains_bit_for_bit_as_the_chain_it_names(opt_name):
     optimizer, kind = OPTIMIZERS[opt_name]
     ours = gc.percentile_clipped(optimizer, max_norm=20.0)

@@ -334,8 +334,8 @@ def _adam_start_findings(tx):
     (optax.nadam(1e-3), "Adam", 0.25),
     (optax.inject_hyperparams(optax.adamw)(learning_rate=1e-3), "Adam", 0.25),
     (optax.adafactor(1e-2), "Adafactor", 0.25), (optax.adabelief(1e-3), "AdaBelief", 0.25),
-    (optax.lion(1e-4), "Lion", 0.1)],
-    ids=["adam", "adamw", "nadam", "injected", "adafactor", "adabelief", "lion"])
+    (optax.lion(1e-4), "Lion", 0.1), (optax.contrib.muon(1e-2), "Muon", 0.25)],
+    ids=["adam", "adamw", "nadam", "injected", "adafactor", "adabelief", "lion", "muon"])
 def test_the_default_feeding_adam_names_the_start(optimizer, named, start):
     # Measured (outcomes --start 0.25; benchmarks/start_by_optimizer.py transformer-OPT):
     # start=0.25 ended lower than the default with AdamW on the transformer and Adam on the
