@@ -306,6 +306,25 @@ def test_start_clips_a_falling_start_at_a_quarter_of_the_first_norm():
     assert clipped[:60].mean() > default_clipped[:60].mean() + 0.3
 
 
+def test_start_rises_with_norms_that_rise_after_the_first():
+    # A first norm at a third of the norms that follow (as on the LSTM LM, whose first norm is
+    # among its smallest): while the start lasts its cap is at least a quarter of the recent
+    # median, where a cap rising 1% a step from a quarter of the first norm stays far below.
+    rng = np.random.default_rng(14)
+    norms = np.concatenate([[0.3], lognormal(rng, 400, 0.2)])
+    _, outs, thresholds, clipped = run_norm_stream(with_start(), norms)
+    assert thresholds[1] == pytest.approx(0.25 * norms[0], rel=0.011)
+    assert clipped[1:60].all()  # still the start: every step clipped
+    recent = np.array([np.median(norms[max(0, i - 19):i + 1]) for i in range(len(norms))])
+    assert np.all(thresholds[30:60] >= 0.25 * recent[29:59] * 0.85)
+    assert thresholds[30] > 2.0 * 0.25 * norms[0] * 1.01**30
+    np.testing.assert_allclose(outs[1:60], thresholds[1:60], rtol=1e-5)
+    # Norms that fall from the first (the transformer's): the cap is the start's, 1% a step.
+    falling = np.concatenate([4.0 * 0.977 ** np.arange(60), lognormal(rng, 100, 0.2)])
+    _, _, thresholds, _ = run_norm_stream(with_start(), falling)
+    np.testing.assert_allclose(thresholds[1:40], 0.25 * 4.0 * 1.01 ** np.arange(39), rtol=0.011)
+
+
 def test_start_on_level_norms_ends_within_a_bounded_number_of_steps():
     # Norms that never fall: the start's threshold rises 1% a step until it meets them.
     norms = lognormal(np.random.default_rng(13), 2000, 0.3)
