@@ -91,7 +91,7 @@ class PercentileRule(_core.ThresholdRule):
         value = jnp.where(ready, adaptive, _core.NO_THRESHOLD)
         had_threshold = state.threshold < _core.NO_THRESHOLD
         rise = jnp.float32(MAX_RISE_PER_STEP)
-        floor = jnp.float32(0.0)
+        floor = None
         if self.start is not None:
             # The start: the first threshold is `start` x the median of the warmup norms, and
             # it rises at most 1% a step for as long as every step since has been clipped,
@@ -104,12 +104,13 @@ class PercentileRule(_core.ThresholdRule):
             starting = (had_threshold & (state.clipped_steps >= hist.count - warmup)
                         & (start * adaptive <= START_END_MULTIPLE * state.threshold))
             rise = jnp.where(starting, jnp.float32(START_RISE_PER_STEP), rise)
-            floor = jnp.where(starting, start * adaptive, floor)
+            floor = jnp.where(starting, start * adaptive, jnp.float32(0.0))
         if self.freeze_after is not None:
             frozen = hist.count > jnp.maximum(self.freeze_after, self.warmup_steps)
             value = jnp.where(frozen, state.threshold, value)
         value = jnp.minimum(value, jnp.where(had_threshold, state.threshold * rise, value))
-        value = jnp.maximum(value, floor)
+        if floor is not None:
+            value = jnp.maximum(value, floor)
         if self.max_norm is not None:
             value = jnp.minimum(value, at_step(self.max_norm, state.count))
         return value
