@@ -721,17 +721,18 @@ def diagnose(opt_state: Any) -> list[Finding]:
       or, when the long-run rate (~500 steps) was low, a warning that the run was stable and
       something changed (learning rate, data), which clipping may be masking; within the
       first 100 steps, an info that early training often clips;
-    - the clip comes after an optimizer state in its chain (it measures the update, not the
-      gradient): warning, put the clip first;
+    - the clip comes after an optimizer state in its chain (any optax state but a wrapper's,
+      a schedule's or a monitor's, ``optax.contrib``'s included; it measures the update, not
+      the gradient): warning, put the clip first;
     - a windowed percentile clip followed in its chain by SGD with momentum (an optax
       ``TraceState``, and no state of an optimizer that normalises the step, such as Adam's):
       info, what the default and ``percentile_clip(90.0, window=None)`` did with momentum on
       training runs, and that with SGD a change of the loss scale is a change of the learning
       rate (give ``max_norm``), and, for a clip with a ``start``, what the start cost there;
     - a windowed percentile clip with no ``start`` followed in its chain by Adam (an optax
-      ``ScaleByAdamState``: adam, adamw, nadam), Adafactor, AdaBelief or Lion: info, naming
-      the optimizer, what ``percentile_clip(start=0.25)`` (for Lion ``start=0.1``) did with it
-      on training runs;
+      ``ScaleByAdamState``: adam, adamw, nadam), Adafactor, AdaBelief, Lion or Muon: info,
+      naming the optimizer, what ``percentile_clip(start=0.25)`` (for Lion ``start=0.1``) did
+      with it on training runs;
     - fewer than 20 steps: info, too few to judge (only the rules above apply);
     - clipped on under 1% of all steps: info, the threshold is fine;
     - frequent clipping earlier that has dropped to near zero: info, healthy;
