@@ -29,7 +29,7 @@ def main(seeds: int, percentiles: tuple[float, ...] = ()) -> None:
     task = dataclasses.replace(task, arms=arms)
     # The benchmark's own fixed thresholds, default and classic rule, not copies of them.
     fams = [f for f in harness.families(percentiles)
-            if f.name in ("fixed", "default", "classic", "percentiles")]
+            if f.name in ("fixed", "default", "median", "classic", "percentiles")]
     start = time.time()
     logs = harness.run_task(task, fams)
     print(f"{seeds} seeds per learning rate, trained in {time.time() - start:.0f} s\n")

@@ -28,7 +28,7 @@ EARLY_STEPS = 100  # before this many steps, frequent clipping is early-training
 
 FEW_STEPS = 20  # under this many steps, too few to judge the threshold
 SHARE_HIGH = 0.30  # share of the recent norms' sum a windowed percentile clip takes off, above
-# which diagnose reports it: on gradclip-jax outcomes the default took 7-24% of the summed norm
+# which diagnose reports it: on gradclip-jax outcomes the median rule took 7-24% of the summed norm
 # off where it did as well as the best fixed threshold (AdamW, Adam, plain SGD), 36% with
 # SGD + momentum
 OUTSIDE_SHARE = 0.01  # share of the recorded values outside the histogram's range, from
@@ -158,8 +158,8 @@ ADAM_KIN = {
     "MuonState": "Muon",
 }
 """The optax states of optimizers whose step does not grow with the gradient's scale, on which
-a ``start`` was measured to end lower than the default, and their names: Adam's (optax.adam,
-adamw, nadam, and others built on ``scale_by_adam``), AdaBelief's and Adafactor's (kind
+a ``start`` was measured to end lower than the same rule without it, and their names: Adam's
+(optax.adam, adamw, nadam, and others built on ``scale_by_adam``), AdaBelief's and Adafactor's (kind
 ``"adam"``), Lion's (kind ``"lion"``) and Muon's (``optax.contrib.muon``, kind ``"muon"``), on
 the transformer LM (README, "Which clip for which job")."""
 
@@ -172,7 +172,7 @@ _START_MEASURED = {
         "benchmarks/start_by_optimizer.md), "
         "percentile_clip(start=0.25), which cuts the first steps to about a quarter of the "
         "first norm while the norms fall, as a fixed threshold below them would, ended lower "
-        "than the default with AdamW on a transformer LM (by 0.2%, within 0.2% of "
+        "than the rule without it with AdamW on a transformer LM (by 0.2%, within 0.2% of "
         "clip_by_global_norm(1.0)), with Adam on an LSTM (by 3.2% and 3.4% on two sets of "
         "seeds) and on the transformer with Adafactor (1.0%) and AdaBelief (0.7%): try it"
     ),
@@ -180,19 +180,19 @@ _START_MEASURED = {
         "Measured on training runs (the transformer LM of gradclip-jax outcomes with Lion in "
         "place of AdamW, benchmarks/start_by_optimizer.py), percentile_clip(start=0.1), which "
         "cuts the first steps to about a tenth of the first norm while the norms fall, ended "
-        "4.5% and 4.1% below the default on two sets of seeds, and 0.3% and 0.7% below "
-        "clip_by_global_norm(1.0), where the default ended 3.5% to 4.4% above it: try it"
+        "4.5% and 4.1% below the rule without it on two sets of seeds, and 0.3% and 0.7% below "
+        "clip_by_global_norm(1.0), where the rule without it ended 3.5% to 4.4% above it: try it"
     ),
     "muon": (
         "Measured on training runs (the transformer and LSTM LMs of gradclip-jax outcomes "
         "with Muon in place of their optimizer, benchmarks/start_by_optimizer.py), "
         "percentile_clip(start=0.25), which cuts the first steps to about a quarter of the "
-        "first norm while the norms fall, ended 0.9% and 1.0% below the default on the "
-        "transformer on two sets of seeds, level with clip_by_global_norm(1.0), where the "
-        "default ended 1.0% above it, and 0.7% below the default on the LSTM: try it"
+        "first norm while the norms fall, ended 0.9% and 1.0% below the rule without it on the "
+        "transformer on two sets of seeds, level with clip_by_global_norm(1.0), where the rule "
+        "without it ended 1.0% above it, and 0.7% below the rule without it on the LSTM: try it"
     ),
 }
-"""What a start did where the default fed each kind of optimizer that has one."""
+"""What a start did, against the same rule without it, for each kind of optimizer that has one."""
 
 
 def optimizer_kind(states: tuple[str, ...]) -> str:
@@ -530,14 +530,17 @@ def _diagnose_one(name: str, found: _Found) -> list[Finding]:
             "info",
             "this windowed percentile clip feeds SGD with momentum (optax TraceState). "
             "Measured on training runs (gradclip-jax outcomes, a vanilla RNN with SGD + "
-            "momentum 0.9), the default, which clips about every other step, ended 7% and 31% "
-            "above the best fixed threshold on two sets of seeds, where percentile_clip(90.0, "
-            "window=None), which clips about one step in six, ended 12% and 1% below it: "
-            "with momentum, try it. And with SGD a loss multiplied by k is a learning rate "
-            "multiplied by k, which thresholds taken from the norms pass on: if the loss "
-            "scale may change, give max_norm."
-            + (" Its start (start=) cost there as well: ended 25% and 11% above the default "
-               "on two sets of seeds; with momentum, leave it off." if started else ""),
+            "momentum 0.9), the median of the recent norms, which clips about every other "
+            "step, ended 7% and 31% above the best fixed threshold on two sets of seeds "
+            "(without a start), where percentile_clip(90.0, window=None, start=None), which "
+            "clips about one step in six, ended 12% and 1% below it: with momentum, try it. "
+            "And with SGD a loss multiplied by k is a learning rate multiplied by k, which "
+            "thresholds taken from the norms pass on: if the loss scale may change, give "
+            "max_norm."
+            + (" Its start (start=, 0.25 by default) made no measured difference there: it "
+               "ended 19% above the same rule without it on one set of seeds and 6% below it "
+               "on another (an earlier start 25% and 11% above); the classic rule above has "
+               "none (start=None)." if started else ""),
         )
     kin = _KIND_STATE.get(kind) or next((n for n in found.feeds if n in ADAM_KIN), "")
     if s.recent is not None and found.after is None and not started and kin:
@@ -638,14 +641,16 @@ def _diagnose_one(name: str, found: _Found) -> list[Finding]:
                 f"at its threshold ({current}) this clip takes about {share:.0%} off the sum "
                 "of the recent unclipped norms (widely spread norms, or a spike among them): "
                 "on average a cut of the step of that order. Measured on training runs "
-                "(gradclip-jax outcomes, norm taken off), the default took 7-24% off with "
+                "(gradclip-jax outcomes, norm taken off), the median rule (no start) took "
+                "7-24% off with "
                 "AdamW, Adam and plain SGD, where it ended level with or below the best fixed "
                 "threshold, and 36% on a vanilla RNN trained with SGD + momentum, where it "
                 "ended 7-31% above it (c=3, which took 9% off). There "
-                "percentile_clip(90.0, window=None) took 16% off and did as well as c=3: "
-                "with a momentum optimizer, try it. With plain SGD on that RNN, cutting "
-                "most steps did best: percentile_clip(10.0), which percentile_clipped picks "
-                "for plain SGD, took about half off and ended 4-15% below the best fixed "
+                "percentile_clip(90.0, window=None, start=None) took 16% off and did as well as "
+                "c=3: with a momentum optimizer, try it. With plain SGD on that RNN, cutting "
+                "most steps did best: percentile_clip(10.0, start=None), which "
+                "percentile_clipped picks for plain SGD, took about half off and ended 4-15% below "
+                "the best fixed "
                 "threshold, losing no run.",
             )
     return findings
@@ -726,9 +731,10 @@ def diagnose(opt_state: Any) -> list[Finding]:
       the gradient): warning, put the clip first;
     - a windowed percentile clip followed in its chain by SGD with momentum (an optax
       ``TraceState``, and no state of an optimizer that normalises the step, such as Adam's):
-      info, what the default and ``percentile_clip(90.0, window=None)`` did with momentum on
-      training runs, and that with SGD a change of the loss scale is a change of the learning
-      rate (give ``max_norm``), and, for a clip with a ``start``, what the start cost there;
+      info, what the median rule and ``percentile_clip(90.0, window=None, start=None)`` did with
+      momentum on training runs, and that with SGD a change of the loss scale is a change of the
+      learning rate (give ``max_norm``), and, for a clip with a ``start``, what the start cost
+      there;
     - a windowed percentile clip with no ``start`` followed in its chain by Adam (an optax
       ``ScaleByAdamState``: adam, adamw, nadam), Adafactor, AdaBelief, Lion or Muon: info,
       naming the optimizer, what ``percentile_clip(start=0.25)`` (for Lion ``start=0.1``) did
@@ -739,8 +745,8 @@ def diagnose(opt_state: Any) -> list[Finding]:
     - otherwise an info with the rates;
     - and, for the windowed percentile clip, an info when its threshold takes 30% or more off
       the sum of the recent unclipped norms (from its recent histogram): what that share was
-      on training runs, and ``percentile_clip(90.0, window=None)`` for momentum optimizers,
-      where the default took most off and trailed the best fixed threshold.
+      on training runs, and ``percentile_clip(90.0, window=None, start=None)`` for momentum
+      optimizers, where the median rule took most off and trailed the best fixed threshold.
 
     Call it outside ``jit``: it reads concrete values (inside ``jit`` it raises a TypeError
     that says so). Raises ``ValueError`` when ``opt_state`` holds no clip transform, and for a

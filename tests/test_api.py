@@ -63,7 +63,7 @@ def test_global_norm_of_complex_leaves_matches_numpy():
 
 
 def test_percentile_clip_takes_complex_leaves():
-    tx = gc.percentile_clip(warmup_steps=2)
+    tx = gc.percentile_clip(warmup_steps=2, start=None)
     state = tx.init(None)
     for z in (3 + 4j, 4 + 3j, 0 + 5j):
         out, state = tx.update({"w": jnp.array([z])}, state)

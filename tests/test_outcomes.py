@@ -228,7 +228,8 @@ def test_outcomes_command_writes_table_json_and_plots(tmp_path, tiny_rnn):
     assert main.main(argv) == 0
     text = (out / "outcomes.md").read_text()
     assert "rnn_sgd" in text and "percentile_clip()" in text and "AutoClip p10" in text
-    assert "percentile_clip(90, window=None)" in text
+    assert "percentile_clip(90, window=None, start=None)" in text
+    assert "percentile_clip(start=None)" in text
     assert "(2 learning rates x 3 seeds)" in text
     results = json.loads((out / "outcomes.json").read_text())
     assert {s["key"] for s in results["scenarios"]} == {"rnn_sgd", "rnn_momentum"}
@@ -263,11 +264,12 @@ def test_percentile_and_window_variants_train_beside_the_default():
 
 
 def test_an_early_cap_clips_at_one_for_its_steps_then_trains_as_the_default():
-    # `outcomes --early-cap N`: the default capped at c = 1 for its first N steps.
+    # `outcomes --early-cap N`: the median rule (no start) capped at c = 1 for its first N
+    # steps.
     task = _short_rnn_task()
-    fams = [f for f in harness.families(early_caps=(10,)) if f.name in ("early caps", "default")]
+    fams = [f for f in harness.families(early_caps=(10,)) if f.name in ("early caps", "median")]
     logs = harness.run_task(task, fams)
-    capped, default = logs["percentile_clip(), c=1 for 10 steps"], logs[harness.DEFAULT]
+    capped, default = logs["percentile_clip(start=None), c=1 for 10 steps"], logs[harness.MEDIAN]
     assert np.all(capped["threshold"][:, :10] <= 1.0)
     # From the first step on, where the default has no threshold yet.
     assert np.all(capped["threshold"][:, 0] == 1.0) and np.all(np.isinf(default["threshold"][:, 0]))
@@ -278,15 +280,23 @@ def test_an_early_cap_clips_at_one_for_its_steps_then_trains_as_the_default():
 
 def test_a_start_variant_clips_from_a_fraction_of_the_first_norm():
     # `outcomes --start S`: percentile_clip(start=S), whose first threshold is S times the
-    # first norm; its runs differ from the default's from that step on.
+    # first norm; the median policy (no start) clips from the first norm itself, and their
+    # runs differ from that step on. The default has the start of 0.25 and trains as its
+    # variant does.
     task = _short_rnn_task()
-    fams = [f for f in harness.families(starts=(0.25,)) if f.name in ("starts", "default")]
+    fams = [f for f in harness.families(starts=(0.25, 0.5))
+            if f.name in ("starts", "default", "median")]
     logs = harness.run_task(task, fams)
-    started, default = logs["percentile_clip(start=0.25)"], logs[harness.DEFAULT]
+    started, median = logs["percentile_clip(start=0.25)"], logs[harness.MEDIAN]
     np.testing.assert_allclose(started["threshold"][:, 1], 0.25 * started["grad_norm"][:, 0],
                                rtol=0.011)
-    np.testing.assert_allclose(default["threshold"][:, 1], default["grad_norm"][:, 0], rtol=0.011)
+    np.testing.assert_allclose(median["threshold"][:, 1], median["grad_norm"][:, 0], rtol=0.011)
     assert np.all(started["grad_norm"][:, 1] > started["threshold"][:, 1])
+    default = logs[harness.DEFAULT]
+    np.testing.assert_allclose(default["threshold"], started["threshold"], rtol=1e-5)
+    np.testing.assert_allclose(default["val_loss"], started["val_loss"], rtol=1e-5)
+    half = logs["percentile_clip(start=0.5)"]
+    np.testing.assert_allclose(half["threshold"][:, 1], 0.5 * half["grad_norm"][:, 0], rtol=0.011)
 
 
 def test_the_guarded_policy_skips_the_injected_spikes_past_its_warmup():

@@ -18,11 +18,17 @@ def lognormal(rng, n, sigma=0.5, scale=1.0):
 
 def p90_full_history(**kwargs):
     """The rule as the classic heuristic states it: the p90 of every norm seen so far."""
-    return gc.percentile_clip(90.0, window=None, **kwargs)
+    return gc.percentile_clip(90.0, window=None, start=None, **kwargs)
 
 
-RULES = {"default": gc.percentile_clip, "p90 full history": p90_full_history}
-"""The properties every configuration must keep, tested on the default and on the p90 rule."""
+def no_start(**kwargs):
+    """The default's adaptive rule alone: the recent median, with no start."""
+    return gc.percentile_clip(start=None, **kwargs)
+
+
+RULES = {"default": gc.percentile_clip, "no start": no_start, "p90 full history": p90_full_history}
+"""The properties every configuration must keep, tested on the default (whose start cuts the
+first steps), on its rule without the start and on the p90 rule."""
 
 
 @pytest.mark.parametrize("sigma", [0.1, 0.3, 0.5])
@@ -105,8 +111,15 @@ def test_isolated_spike_is_clipped_and_barely_moves_the_threshold(rule):
 
 @pytest.mark.parametrize("rule", RULES.values(), ids=RULES)
 def test_current_norm_does_not_raise_its_own_threshold(rule):
-    _, _, thresholds, _ = run_norm_stream(rule(warmup_steps=3), [1.0, 1.0, 1.0, 50.0])
-    assert thresholds[3] == pytest.approx(1.0, rel=0.011)
+    _, _, thresholds, _ = run_norm_stream(rule(warmup_steps=3), [1.0, 1.0, 1.0, 50.0, 1.0])
+    _, _, calm, _ = run_norm_stream(rule(warmup_steps=3), [1.0, 1.0, 1.0, 1.0])
+    assert thresholds[3] == calm[3]
+    # Nor the next one by more than the rise cap (5% a step; 1% during a start).
+    assert thresholds[4] <= thresholds[3] * 1.05 * (1 + 1e-6)
+    # The adaptive rule's threshold is the median of the norms before it; the start's first
+    # threshold a quarter of the median of the warmup norms.
+    first = 0.25 if rule is gc.percentile_clip else 1.0
+    assert thresholds[3] == pytest.approx(first, rel=0.011)
 
 
 def test_warmup_without_and_with_max_norm():
@@ -122,10 +135,12 @@ def test_warmup_without_and_with_max_norm():
     np.testing.assert_allclose(outs, 2.0, rtol=1e-6)
 
 
-def test_warmup_one_starts_after_the_first_norm():
-    _, _, thresholds, clipped = run_norm_stream(gc.percentile_clip(warmup_steps=1), [1.0, 3.0])
+@pytest.mark.parametrize("rule,first", [(gc.percentile_clip, 0.25), (no_start, 1.0)],
+                         ids=["default", "no start"])
+def test_warmup_one_starts_after_the_first_norm(rule, first):
+    _, _, thresholds, clipped = run_norm_stream(rule(warmup_steps=1), [1.0, 3.0])
     assert not clipped[0]
-    assert clipped[1] and thresholds[1] == pytest.approx(1.0, rel=0.011)
+    assert clipped[1] and thresholds[1] == pytest.approx(first, rel=0.011)
 
 
 def test_max_norm_caps_the_adaptive_threshold():
@@ -163,7 +178,7 @@ def test_norm_percentile_reads_the_histogram():
 
 def test_traced_percentile_via_inject_hyperparams():
     tx = optax.inject_hyperparams(gc.percentile_clip)(percentile=90.0, window=None,
-                                                      warmup_steps=5)
+                                                      warmup_steps=5, start=None)
     state = tx.init(None)
     update = jax.jit(tx.update)
     for n in [1.0, 2.0, 3.0, 4.0, 5.0]:
@@ -223,17 +238,16 @@ def test_norm_range_follows_norms_outside_the_default_range(scale, norm_range):
     # around the norms restores the median of the recent ones.
     rng = np.random.default_rng(4)
     norms = lognormal(rng, 100, 0.3)
-    state, _, thresholds, _ = run_norm_stream(gc.percentile_clip(norm_range=norm_range),
-                                              norms * scale)
+    state, _, thresholds, _ = run_norm_stream(no_start(norm_range=norm_range), norms * scale)
     median = np.median(norms[-20:]) * scale
     assert median / 1.1 <= float(thresholds[-1]) <= median * 1.1
     assert state.histogram.value_range == norm_range
-    default, _, thresholds, _ = run_norm_stream(gc.percentile_clip(), norms * scale)
+    default, _, thresholds, _ = run_norm_stream(no_start(), norms * scale)
     assert float(thresholds[-1]) == pytest.approx(1e8 if scale > 1 else 1e-8, rel=1e-6)
 
 
 def test_norm_range_is_static_under_jit_and_inject_hyperparams():
-    tx = optax.inject_hyperparams(gc.percentile_clip)(percentile=50.0,
+    tx = optax.inject_hyperparams(gc.percentile_clip)(percentile=50.0, start=None,
                                                       norm_range=(1e-4, 1e12))
     state = tx.init(None)
     assert "norm_range" not in state.hyperparams
@@ -247,7 +261,7 @@ def test_percentile_100_and_decay_1_are_valid():
     gc.percentile_clip(100.0, decay=1.0)
 
 
-@pytest.mark.parametrize("rule", RULES.values(), ids=RULES)
+@pytest.mark.parametrize("rule", [no_start, p90_full_history], ids=["no start", "p90"])
 def test_threshold_rises_at_most_five_percent_per_step(rule):
     rng = np.random.default_rng(9)
     # A run that blows up right after a short warmup: norms grow tenfold per step.
@@ -256,6 +270,23 @@ def test_threshold_rises_at_most_five_percent_per_step(rule):
     t = thresholds[3:].astype(np.float64)
     assert np.all(t[1:] <= t[:-1] * 1.05 * (1 + 1e-6))
     assert outs.max() <= thresholds[3] * 1.05 ** (len(norms) - 4) * (1 + 1e-5)
+
+
+def test_during_the_start_the_threshold_stays_below_the_runs_median():
+    # The same blow-up under the default: its start's floor, a quarter of the recent median,
+    # may rise faster than 5% a step, but the recent median is capped at 4x the whole run's,
+    # so the threshold never passes the median of the norms recorded before it (to the
+    # sketch's 1%) nor 1.01x the one before, and the updates stay below the run's median.
+    rng = np.random.default_rng(9)
+    # Up to 1e16 (tenfold per step): a float32 sum of squares of larger norms overflows.
+    norms = np.concatenate([lognormal(rng, 3, 0.1), 10.0 ** np.arange(1, 17)])
+    _, outs, thresholds, clipped = run_norm_stream(gc.percentile_clip(), norms)
+    assert clipped[1:].all()
+    t = thresholds.astype(np.float64)
+    medians = np.array([np.median(norms[:i]) for i in range(2, len(norms))])
+    assert np.all(t[2:] <= np.maximum(t[1:-1] * 1.01, medians * 1.01) * (1 + 1e-6))
+    assert np.all(outs[1:] <= np.maximum(medians[-1], t[1]) * 1.01)
+    assert outs[-1] < 1e-10 * norms[-1]
 
 
 def test_window_threshold_follows_a_change_of_scale_within_the_window():
@@ -273,7 +304,7 @@ def test_window_threshold_follows_a_change_of_scale_within_the_window():
 
 
 def test_window_traced_through_inject_hyperparams():
-    tx = optax.inject_hyperparams(gc.percentile_clip)(percentile=50.0, window=20)
+    tx = optax.inject_hyperparams(gc.percentile_clip)(percentile=50.0, window=20, start=None)
     state = tx.init(None)
     update = jax.jit(tx.update)
     for n in [1.0, 1.0, 1.0, 1.0]:
@@ -302,7 +333,7 @@ def test_start_clips_a_falling_start_at_a_quarter_of_the_first_norm():
     assert np.all(t[end + 1:] <= t[end:-1] * 1.05 * (1 + 1e-6))
     assert 0.42 <= clipped[end + 100:].mean() <= 0.62
     # Without a start the same stream clips far less of its first 60 steps.
-    _, _, _, default_clipped = run_norm_stream(gc.percentile_clip(), norms)
+    _, _, _, default_clipped = run_norm_stream(no_start(), norms)
     assert clipped[:60].mean() > default_clipped[:60].mean() + 0.3
 
 

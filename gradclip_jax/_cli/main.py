@@ -100,8 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     outcomes.add_argument("--window", action="append", type=_positive_int, default=[],
                           metavar="W", help="also train percentile_clip(window=W) (repeatable)")
     outcomes.add_argument("--early-cap", action="append", type=_positive_int, default=[],
-                          metavar="N", help="also train percentile_clip() capped at c = 1 for "
-                          "its first N steps (repeatable)")
+                          metavar="N", help="also train percentile_clip(start=None) capped at "
+                          "c = 1 for its first N steps (repeatable)")
     outcomes.add_argument("--start", action="append", type=_fraction, default=[],
                           metavar="S", help="also train percentile_clip(start=S), whose first "
                           "threshold is S times the first norm (repeatable)")

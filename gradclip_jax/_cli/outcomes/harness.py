@@ -27,7 +27,9 @@ NO_CLIP = float(np.finfo(np.float32).max)
 DEFAULT = "percentile_clip()"
 REFERENCE = "c=1"
 GUARDED = "percentile_clip() + skip_spikes"
-CLASSIC = "percentile_clip(90, window=None)"
+CLASSIC = "percentile_clip(90, window=None, start=None)"
+MEDIAN = "percentile_clip(start=None)"
+"""The default's rule without its start: the recent median alone (the default before 0.2.0)."""
 CONTROL = "c=1, perturbed (control)"
 CONTROL_C = 1.0 + 2.0**-20
 """The noise control: c = 1 one part in a million larger, trained in a program of its own.
@@ -57,15 +59,16 @@ def families(percentiles: tuple[float, ...] = (), windows: tuple[int, ...] = (),
              early_caps: tuple[int, ...] = (), starts: tuple[float, ...] = ()) -> list[Family]:
     """Every policy of the benchmark; ``percentiles``, ``windows``, ``early_caps`` and
     ``starts`` add variants of the default, each set one program: ``percentile_clip(p)``,
-    ``percentile_clip(window=w)``, ``percentile_clip()`` capped at c = 1 for its first ``n``
-    steps (what c = 1 does during a learning-rate warmup, then the default's rule), and
-    ``percentile_clip(start=s)`` (the scale-free form of that cap)."""
+    ``percentile_clip(window=w)``, ``percentile_clip(start=None)`` capped at c = 1 for its
+    first ``n`` steps (what c = 1 does during a learning-rate warmup, then the median rule,
+    measured before the start was the default), and ``percentile_clip(start=s)`` (the
+    scale-free form of that cap)."""
     fixed = {"no clip": NO_CLIP, **{f"c={c:g}": c for c in FIXED_C}}
     extra = []
     if early_caps:
         extra.append(Family("early caps", lambda n, task: gc.percentile_clip(
-            max_norm=capped_for(n)), {f"percentile_clip(), c=1 for {n} steps": n
-                                      for n in early_caps}))
+            max_norm=capped_for(n), start=None),
+            {f"percentile_clip(start=None), c=1 for {n} steps": n for n in early_caps}))
     if percentiles:
         extra.append(Family("percentiles", lambda p, task: gc.percentile_clip(p),
                             {f"percentile_clip({p:g})": p for p in percentiles}))
@@ -82,10 +85,12 @@ def families(percentiles: tuple[float, ...] = (), windows: tuple[int, ...] = (),
                {"AutoClip p10": 10.0, "AutoClip p90": 90.0}),
         Family("zclip", lambda p, task: baselines.zclip(), {"ZClip": 0.0}),
         Family("default", lambda p, task: gc.percentile_clip(), {DEFAULT: 0.0}),
+        # What the start adds: the same rule without it, on every task.
+        Family("median", lambda p, task: gc.percentile_clip(start=None), {MEDIAN: 0.0}),
         # The classic safety net, with the library's caps, where the README recommends it
         # (SGD with momentum) and where it is most at risk (plain SGD): the RNN.
-        Family("classic", lambda p, task: gc.percentile_clip(p, window=None), {CLASSIC: 90.0},
-               tasks=("rnn",)),
+        Family("classic", lambda p, task: gc.percentile_clip(p, window=None, start=None),
+               {CLASSIC: 90.0}, tasks=("rnn",)),
         # Clip alone against clip + skip, where the spikes are (the LSTM's spikes arm).
         Family("guarded", lambda p, task: gc.percentile_clip(), {GUARDED: 0.0},
                guarded=True, tasks=("lstm",)),

@@ -7,14 +7,14 @@ from typing import Any
 
 import numpy as np
 
-from gradclip_jax._cli.outcomes.harness import CONTROL, DEFAULT, REFERENCE
+from gradclip_jax._cli.outcomes.harness import CONTROL, DEFAULT, MEDIAN, REFERENCE
 
 COLUMNS = ("lost", "final val loss", "vs c=1 (wins)", "vs best fixed c", "gap to best per lr",
            "steps clipped", "norm taken off", "loss spikes")
 
 
 SUMMARY_POLICIES = ("no clip", "c=0.1", "c=1", "c=10", "AutoClip p10", "AutoClip p90", "ZClip",
-                    DEFAULT)
+                    DEFAULT, MEDIAN)
 
 
 def summary(results: dict[str, Any]) -> str:
