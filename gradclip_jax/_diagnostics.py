@@ -733,8 +733,8 @@ def diagnose(opt_state: Any) -> list[Finding]:
       ``TraceState``, and no state of an optimizer that normalises the step, such as Adam's):
       info, what the median rule and ``percentile_clip(90.0, window=None, start=None)`` did with
       momentum on training runs, and that with SGD a change of the loss scale is a change of the
-      learning rate (give ``max_norm``), and, for a clip with a ``start``, what the start cost
-      there;
+      learning rate (give ``max_norm``), and, for a clip with a ``start`` (the default has
+      one), what the start did there;
     - a windowed percentile clip with no ``start`` followed in its chain by Adam (an optax
       ``ScaleByAdamState``: adam, adamw, nadam), Adafactor, AdaBelief, Lion or Muon: info,
       naming the optimizer, what ``percentile_clip(start=0.25)`` (for Lion ``start=0.1``) did
