@@ -19,6 +19,7 @@ import json
 import os
 import sys
 
+from gradclip_jax._cli.bench import write_json_atomically
 from gradclip_jax._cli.outcomes import harness, report
 
 RENAME = {
@@ -60,8 +61,7 @@ def main(out: str, paths: list[str]) -> None:
             "is the run's `percentile_clip()`, bit for bit today's. Nothing is recomputed.")
     with open(os.path.join(out, "outcomes.md"), "w") as f:
         f.write(note + "\n\n" + report.markdown(results) + "\n")
-    with open(os.path.join(out, "outcomes.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    write_json_atomically(os.path.join(out, "outcomes.json"), results)
     print(report.summary(results))
     print(report.verdict(results))
 

@@ -642,16 +642,15 @@ def _diagnose_one(name: str, found: _Found) -> list[Finding]:
                 "of the recent unclipped norms (widely spread norms, or a spike among them): "
                 "on average a cut of the step of that order. Measured on training runs "
                 "(gradclip-jax outcomes, norm taken off), the median rule (no start) took "
-                "7-24% off with "
-                "AdamW, Adam and plain SGD, where it ended level with or below the best fixed "
-                "threshold, and 36% on a vanilla RNN trained with SGD + momentum, where it "
+                "7-24% off with AdamW, Adam and plain SGD, where it ended level with or below "
+                "the best fixed threshold, and 36% on a vanilla RNN trained with SGD + "
+                "momentum, where it "
                 "ended 7-31% above it (c=3, which took 9% off). There "
                 "percentile_clip(90.0, window=None, start=None) took 16% off and did as well as "
                 "c=3: with a momentum optimizer, try it. With plain SGD on that RNN, cutting "
                 "most steps did best: percentile_clip(10.0, start=None), which "
-                "percentile_clipped picks for plain SGD, took about half off and ended 4-15% below "
-                "the best fixed "
-                "threshold, losing no run.",
+                "percentile_clipped picks for plain SGD, took about half off and ended 4-15% "
+                "below the best fixed threshold, losing no run.",
             )
     return findings
 
