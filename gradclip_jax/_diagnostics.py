@@ -538,7 +538,7 @@ def _diagnose_one(name: str, found: _Found) -> list[Finding]:
             "thresholds taken from the norms pass on: if the loss scale may change, give "
             "max_norm."
             + (" Its start (start=, 0.25 by default) made no measured difference there: it "
-               "ended 19% above the same rule without it on one set of seeds and 6% below it "
+               "ended 16% above the same rule without it on one set of seeds and 6% below it "
                "on another (an earlier start 25% and 11% above); the classic rule above has "
                "none (start=None)." if started else ""),
         )
