@@ -85,9 +85,9 @@ class ClipState(NamedTuple):
         with, on each finite step with a nonzero update, before clipping: the L2 norm
         (``percentile_clip``, ``clip_by_global_norm`` with ``ord=2``), the ``ord``-norm, or
         the largest magnitude (``clip_by_value``), so that its percentiles are thresholds of
-        that clip.
-      recent: for the percentile clip with a ``window``, a second sketch of the same norms
-        whose counts decay, so it holds about the last ``window`` of them; None otherwise.
+        that clip. For the percentile clip with a ``window`` it carries, as a second row of
+        its array, a sketch of the same norms whose counts decay, so that it holds about the
+        last ``window`` of them (read as ``recent``; one array, updated in one pass).
       name: static (no array): the ``name`` the transform was given, which prefixes its
         :func:`gradclip_jax.stats` keys, and what ``histogram`` records, in words.
     """
@@ -100,8 +100,13 @@ class ClipState(NamedTuple):
     clip_rate_recent: jax.Array
     clip_rate_long: jax.Array
     histogram: NormSketch
-    recent: NormSketch | None = None
     name: ClipName = ClipName()
+
+    @property
+    def recent(self) -> NormSketch | None:
+        """The percentile clip's sketch of about the last ``window`` norms (``histogram``'s
+        second row), or None."""
+        return self.histogram.recent
 
 
 class ThresholdRule(abc.ABC):
@@ -195,10 +200,9 @@ def init_state(
         nonfinite_steps=jnp.zeros((), jnp.int32),
         clip_rate_recent=jnp.zeros((), f32),
         clip_rate_long=jnp.zeros((), f32),
-        histogram=sketch_init(relative_accuracy, weighted=weighted, value_range=value_range),
-        # The recent sketch records the same norms as the histogram, whose count it shares.
-        recent=(sketch_init(relative_accuracy, weighted=True, counted=False,
-                            value_range=value_range) if recent else None),
+        # The recent sketch records the same norms, as the histogram's second row.
+        histogram=sketch_init(relative_accuracy, weighted=weighted, recent=recent,
+                              value_range=value_range),
         name=ClipName(name, measure, features),
     )
 
@@ -341,10 +345,7 @@ def _step(rule: ThresholdRule, apply: Apply, nonfinite: str,
         clip_rate_recent=_moving_average(state.clip_rate_recent, clipped, RECENT_RATE,
                                          count),
         clip_rate_long=_moving_average(state.clip_rate_long, clipped, LONG_RATE, count),
-        histogram=sketch_add(state.histogram, recorded, record, decay),
-        recent=(None if state.recent is None
-                else sketch_add(state.recent, recorded, record, recent_decay,
-                                recorded=state.histogram.count)),
+        histogram=sketch_add(state.histogram, recorded, record, decay, recent_decay),
         name=state.name,
     )
     return new_updates, new_state

@@ -56,20 +56,17 @@ def _leaf(x: Any) -> jax.Array:
 
 
 def _plain_sketch(sketch: NormSketch) -> NormSketch:
-    recorded = None if sketch.recorded is None else _leaf(sketch.recorded)
-    return NormSketch(cumulative=_leaf(sketch.cumulative), recorded=recorded,
+    return NormSketch(cumulative=_leaf(sketch.cumulative), recorded=_leaf(sketch.recorded),
                       relative_accuracy=sketch.relative_accuracy,
-                      value_range=sketch.value_range)
+                      value_range=sketch.value_range, with_recent=sketch.with_recent)
 
 
-_ARRAY_FIELDS = tuple(f for f in ClipState._fields if f not in ("histogram", "recent", "name"))
+_ARRAY_FIELDS = tuple(f for f in ClipState._fields if f not in ("histogram", "name"))
 
 
 def _plain(state: ClipState) -> ClipState:
     fields = {f: _leaf(getattr(state, f)) for f in _ARRAY_FIELDS}
-    return ClipState(**fields, histogram=_plain_sketch(state.histogram),
-                     recent=None if state.recent is None else _plain_sketch(state.recent),
-                     name=state.name)
+    return ClipState(**fields, histogram=_plain_sketch(state.histogram), name=state.name)
 
 
 def _key_name(key: Any) -> str:

@@ -79,11 +79,11 @@ class PercentileRule(_core.ThresholdRule):
     def threshold(self, state: _core.ClipState) -> jax.Array:
         hist = state.histogram
         q = jnp.asarray(self.percentile, jnp.float32) / 100.0
-        if state.recent is None:
+        if hist.recent is None:
             upper, median = sketch_quantile(hist, jnp.stack([q, jnp.float32(0.5)]))
             multiple = MEDIAN_MULTIPLE
         else:
-            upper, median = sketch_quantiles((state.recent, hist), (q, 0.5))
+            upper, median = sketch_quantiles((hist.recent, hist.whole), (q, 0.5))
             multiple = WINDOW_MEDIAN_MULTIPLE
         adaptive = jnp.minimum(upper, multiple * median)
         warmup = jnp.maximum(self.warmup_steps, 1)

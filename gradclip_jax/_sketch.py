@@ -14,9 +14,14 @@ are float32 and their total converges to ``1 / (1 - decay)``. So that counts nev
 stop increasing late in a long run, every count is halved once per 2**22 recorded values for
 float32 counts and once per 2**29 for int32 ones, which keeps the total under 2**23 (where a
 float32 count of 2**24 would swallow ``+1``) and under 2**30 (before an int32 total could
-wrap). The schedule is read from ``recorded``, a scalar (for a sketch that keeps none, from
-the count of the sketch of the same values that does), so no step sums the counts to decide.
+wrap). The schedule is read from ``recorded``, a scalar, so no step sums the counts to decide.
 Halving keeps the ratios between counts, and so the quantiles, up to rounding.
+
+A sketch may carry a second, *recent* sketch of the same values as a second row of the same
+array (``with_recent``; the percentile clip's window): its counts decay by their own factor,
+and it shares the count. One array, so that one elementwise pass updates both: XLA's CPU
+backend does not fuse sibling loops, so two arrays were two kernels in every step, and a
+jitted call takes and returns each array on its own. Both rows are then float32.
 """
 
 from __future__ import annotations
@@ -38,23 +43,24 @@ class NormSketch:
     """Histogram of recorded gradient norms, as its running sum over the buckets.
 
     Attributes:
-      cumulative: nondecreasing; entry ``i`` is the weight recorded in buckets ``0..i``
-        (so the last is the total), int32 (no forgetting) or float32 (with ``decay``).
-      recorded: int32, how many norms were recorded (not decayed, not halved); None for a
-        sketch that records the same values as another, which keeps the count for both (the
-        percentile clip's recent sketch and its histogram: a second counter was one more
-        array for each jitted call to take and return, and two more kernels inside a loop).
+      cumulative: nondecreasing along its last axis; entry ``i`` is the weight recorded in
+        buckets ``0..i`` (so the last is the total), int32 (no forgetting) or float32 (with
+        ``decay``). With ``with_recent``, shape ``(2, buckets)`` float32: the whole run's
+        sketch, then the recent sketch (see ``whole`` and ``recent``).
+      recorded: int32, how many values were recorded (not decayed, not halved); both rows'.
       relative_accuracy: static; the accuracy of the bucket mapping.
       value_range: static; ``(low, high)``, the values with buckets of their own (smaller
         ones are counted in one bucket below and read back as ``low``, larger ones in one
         above, read back as ``high``).
+      with_recent: static; whether ``cumulative`` carries a recent sketch as its second row.
     """
 
     cumulative: jax.Array
-    recorded: jax.Array | None
+    recorded: jax.Array
     relative_accuracy: float = dataclasses.field(metadata=dict(static=True), default=0.01)
     value_range: tuple[float, float] = dataclasses.field(metadata=dict(static=True),
                                                          default=DEFAULT_RANGE)
+    with_recent: bool = dataclasses.field(metadata=dict(static=True), default=False)
 
     @property
     def mapping(self) -> LogMapping:
@@ -62,65 +68,78 @@ class NormSketch:
 
     @property
     def count(self) -> jax.Array:
-        """``recorded``, for a sketch that keeps its own count."""
-        if self.recorded is None:
-            raise ValueError("this sketch keeps no count of its own (another sketch of the "
-                             "same values keeps it)")
+        """``recorded``: how many values were recorded."""
         return self.recorded
+
+    def _row(self, i: int) -> NormSketch:
+        return dataclasses.replace(self, cumulative=self.cumulative[..., i, :],
+                                   with_recent=False)
+
+    @property
+    def whole(self) -> NormSketch:
+        """The sketch of every recorded value (itself, without a recent row)."""
+        return self._row(0) if self.with_recent else self
+
+    @property
+    def recent(self) -> NormSketch | None:
+        """The recent sketch carried as the second row, or None."""
+        return self._row(1) if self.with_recent else None
 
     @property
     def counts(self) -> jax.Array:
-        """The weight in each bucket (the differences of ``cumulative``)."""
-        c = self.cumulative
+        """The weight in each bucket of the whole run's sketch (the differences of its
+        ``cumulative``)."""
+        c = self.whole.cumulative
         return jnp.concatenate([c[..., :1], c[..., 1:] - c[..., :-1]], axis=-1)
 
 
-def sketch_init(relative_accuracy: float, *, weighted: bool, counted: bool = True,
+def sketch_init(relative_accuracy: float, *, weighted: bool, recent: bool = False,
                 value_range: tuple[float, float] = DEFAULT_RANGE) -> NormSketch:
-    """An empty sketch; ``counted=False`` keeps no ``recorded`` count (another sketch of the
-    same values keeps it, and ``sketch_add`` is given it)."""
+    """An empty sketch; ``recent=True`` carries a recent sketch as a second row (float32)."""
     value_range = (float(value_range[0]), float(value_range[1]))
     mapping = LogMapping(relative_accuracy, *value_range)
-    dtype = jnp.float32 if weighted else jnp.int32
+    dtype = jnp.float32 if weighted or recent else jnp.int32
+    shape = (2, mapping.num_buckets) if recent else (mapping.num_buckets,)
     return NormSketch(
-        cumulative=jnp.zeros((mapping.num_buckets,), dtype),
-        recorded=jnp.zeros((), jnp.int32) if counted else None,
+        cumulative=jnp.zeros(shape, dtype),
+        recorded=jnp.zeros((), jnp.int32),
         relative_accuracy=relative_accuracy,
         value_range=value_range,
+        with_recent=recent,
     )
 
 
 def sketch_add(
     sketch: NormSketch, value: jax.Array, valid: jax.Array, decay: jax.Array | float | None,
-    recorded: jax.Array | None = None,
+    recent_decay: jax.Array | float | None = None,
 ) -> NormSketch:
     """Records ``value`` if ``valid``; with ``decay``, first scales every count by it.
 
-    ``recorded``: for a sketch that keeps no count of its own, the count of values recorded
-    before this one, kept by another sketch of the same values (it schedules the halving).
+    ``recent_decay``: for a sketch ``with_recent``, the factor its recent row's counts are
+    scaled by (required there); ``decay`` scales the whole run's row.
     """
-    if sketch.recorded is not None:
-        recorded = sketch.recorded
-    elif recorded is None:
-        raise ValueError("this sketch keeps no count of its own: pass the count of values "
-                         "recorded before this one as recorded=")
     cumulative = sketch.cumulative
-    if decay is not None:
+    if sketch.with_recent:
+        if recent_decay is None:
+            raise ValueError("a sketch with a recent row needs recent_decay")
+        whole = jnp.float32(1.0) if decay is None else jnp.asarray(decay, jnp.float32)
+        factors = jnp.stack([whole, jnp.asarray(recent_decay, jnp.float32)])[:, None]
+        cumulative = jnp.where(valid, cumulative * factors, cumulative)
+    elif decay is not None:
         cumulative = jnp.where(valid, cumulative * jnp.asarray(decay, cumulative.dtype),
                                cumulative)
     halved = cumulative // 2 if cumulative.dtype == jnp.int32 else cumulative * 0.5
     # Before the recorded count reaches each multiple of the period: the total is then at
     # most twice the period (it halves from at most 2p to p, and p more values are added).
-    due = valid & ((recorded + 1) % _HALVE_EVERY[cumulative.dtype] == 0)
+    due = valid & ((sketch.recorded + 1) % _HALVE_EVERY[cumulative.dtype] == 0)
     cumulative = jnp.where(due, halved, cumulative)
     # +1 from the value's bucket on: an elementwise pass that fuses with the halving (and
     # the decay), where a scatter would be a kernel of its own.
-    from_bucket = jnp.arange(cumulative.shape[0], dtype=jnp.int32) >= sketch.mapping.index(value)
+    from_bucket = (jnp.arange(cumulative.shape[-1], dtype=jnp.int32)
+                   >= sketch.mapping.index(value)).reshape((1,) * (cumulative.ndim - 1) + (-1,))
     cumulative = cumulative + (from_bucket & valid).astype(cumulative.dtype)
-    if sketch.recorded is not None:
-        recorded = sketch.recorded + valid.astype(jnp.int32)
     return dataclasses.replace(sketch, cumulative=cumulative,
-                               recorded=None if sketch.recorded is None else recorded)
+                               recorded=sketch.recorded + valid.astype(jnp.int32))
 
 
 _BLOCK = 32
@@ -186,12 +205,12 @@ def sketch_quantile(sketch: NormSketch, q: jax.Array | float) -> jax.Array:
     """The ``q``-quantile (q in [0, 1]) of the recorded values, float32; NaN when empty.
 
     Returns the representative of the bucket holding the element of rank
-    ``floor(q * (n - 1))`` (NumPy's ``method="lower"``), so the result is within the mapping's
-    relative accuracy of it for values inside the mapped range. ``q`` may be an array of
-    quantiles: they share one search of the buckets.
+    ``floor(q * (n - 1))`` (NumPy's ``method="lower"``) in the whole run's sketch, so the
+    result is within the mapping's relative accuracy of it for values inside the mapped
+    range. ``q`` may be an array of quantiles: they share one search of the buckets.
     """
     q = jnp.asarray(q, jnp.float32)
-    out = _quantile_from((sketch.cumulative,), q.reshape(1, -1), sketch.mapping)
+    out = _quantile_from((sketch.whole.cumulative,), q.reshape(1, -1), sketch.mapping)
     return out.reshape(q.shape)
 
 

@@ -332,7 +332,8 @@ def test_percentile_clip_adds_few_kernels_to_a_tiny_models_step():
     # so recording a value is one elementwise pass, and a quantile a two-level search of
     # them (two kernels, both sketches at once), with no prefix sum per step; the rule is
     # evaluated once (the state's threshold comes out of the computed_once barrier).
-    # Measured: 40 kernels against the norm clip's 37 (41 while the recent sketch kept a
+    # Measured: 39 kernels against the norm clip's 37 (40 while the recent sketch was an
+    # array of its own, not the histogram's second row; 41 while it kept a
     # count of its own, the histogram's twin; 43 against 39 before a small model's
     # tree was joined whole; 45 when every bucket was compared,
     # whose sum took a cascade of three; 56 with a prefix sum of two matmuls per step, 81
@@ -341,13 +342,14 @@ def test_percentile_clip_adds_few_kernels_to_a_tiny_models_step():
 
     params = tiny_mlp(jnp.float32)
     norm = _kernels(gc.clip_by_global_norm(1.0), params)
-    assert _kernels(gc.percentile_clip(), params) <= norm + 3
-    # And inside a jitted loop (42 against 39). Every scalar the histograms' update reads
+    assert _kernels(gc.percentile_clip(), params) <= norm + 2
+    # And inside a jitted loop (41 against 39; 42 with the recent sketch an array of its
+    # own: the step 1.108x -> 1.047x the norm clip's). Every scalar the histograms' update reads
     # must come out of the computed_once barrier: "record this norm", taken before it,
     # put the norms' combination into that update (44 kernels, the step 1.07x -> 1.11x the
     # norm clip's, measured).
     norm = _loop_kernels(gc.clip_by_global_norm(1.0), params)
-    assert _loop_kernels(gc.percentile_clip(), params) <= norm + 3
+    assert _loop_kernels(gc.percentile_clip(), params) <= norm + 2
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -422,13 +424,15 @@ def test_a_larger_model_joins_only_its_small_leaves():
 @pytest.mark.parametrize("clip,arrays", [
     (lambda: gc.clip_by_global_norm(1.0), 9),
     (lambda: gc.clip_by_value(1.0), 9),
-    (lambda: gc.percentile_clip(), 10),
+    (lambda: gc.percentile_clip(), 9),
     (lambda: gc.percentile_clip(window=None), 9),
 ])
 def test_state_is_a_few_arrays_whatever_the_tree(clip, arrays):
     # A jitted call pays for each array it takes and returns, which is most of what the
     # clips cost per call on a tiny model (README, Benchmark): the state holds a fixed
     # number of them, one per field that optax.tree.get can find, whatever the parameters.
+    # The percentile clip's recent sketch is its histogram's second row, not an array (and a
+    # kernel in every step) of its own: it had 10.
     tx = clip()
     for params in (None, {"w": jnp.ones(3)}, [jnp.ones((i % 7) + 1) for i in range(1000)]):
         assert len(jax.tree.leaves(tx.init(params))) == arrays

@@ -101,11 +101,15 @@ def test_state_size_is_fixed_and_small():
     assert nbytes <= 64 * 1024
     # Shapes are fixed by construction: a state as ten million steps leave it (counts forced to
     # such a run's totals) is the same size, and one more update keeps it so.
-    counts = jnp.zeros_like(state.histogram.cumulative).at[900:960].set(10**7 // 60)
+    # The whole run's row holds ten million norms; the recent row's weight is a window's.
+    whole = jnp.cumsum(jnp.zeros(state.histogram.mapping.num_buckets).at[900:960].set(
+        10**7 // 60))
+    assert state.histogram.cumulative.shape == (2, whole.size)
     late = state._replace(
         count=jnp.asarray(10**7, jnp.int32),
-        histogram=dataclasses.replace(state.histogram, cumulative=jnp.cumsum(counts),
-                                      recorded=jnp.asarray(10**7, jnp.int32)),
+        histogram=dataclasses.replace(
+            state.histogram, cumulative=jnp.stack([whole, whole * (20.0 / whole[-1])]),
+            recorded=jnp.asarray(10**7, jnp.int32)),
     )
     _, after = jax.jit(tx.update)({"w": jnp.ones(3)}, late)
     assert sum(x.nbytes for x in jax.tree.leaves(after)) == nbytes
@@ -137,39 +141,47 @@ def test_counts_keep_increasing_in_long_runs(weighted, decay):
     assert float(sketch_quantile(sketch, 0.9)) == pytest.approx(before, rel=0.03)
 
 
-def test_a_sketch_without_its_own_count_halves_on_the_count_it_is_given():
-    # The percentile clip's recent sketch records the same norms as its histogram and reads
-    # the halving schedule from the histogram's count instead of keeping a second counter.
+def test_a_recent_row_is_the_sketch_it_would_be_on_its_own():
+    # The percentile clip's recent sketch is the second row of its histogram's array, so
+    # that one pass updates both: each row must be, bit for bit, the float32 sketch it
+    # would be alone, through a halving (due at the second value here) and skipped values.
     period = 2**22
-    counts = sketch_init(0.01, weighted=True).counts.at[1000].set(float(period))
-    counted = dataclasses.replace(sketch_init(0.01, weighted=True), cumulative=jnp.cumsum(
-        counts), recorded=jnp.asarray(period - 2, jnp.int32))
-    uncounted = dataclasses.replace(sketch_init(0.01, weighted=True, counted=False),
-                                    cumulative=jnp.cumsum(counts))
-    assert uncounted.recorded is None and not jax.tree.leaves(uncounted.recorded)
-    value, valid = uncounted.mapping.value(1000), jnp.bool_(True)
-    for step in range(3):  # the halving is due at the second value (count period - 1 + 1)
-        given = jnp.asarray(period - 2 + step, jnp.int32)
-        new_counted = sketch_add(counted, value, valid, 0.99)
-        new_uncounted = sketch_add(uncounted, value, valid, 0.99, recorded=given)
-        np.testing.assert_array_equal(new_uncounted.cumulative, new_counted.cumulative)
-        assert new_uncounted.recorded is None
-        counted, uncounted = new_counted, new_uncounted
-    assert float(counted.cumulative[-1]) < 0.6 * period  # halved once, on the schedule
-    with pytest.raises(ValueError, match="recorded="):
-        sketch_add(uncounted, value, valid, 0.99)
-    with pytest.raises(ValueError, match="no count of its own"):
-        _ = uncounted.count
+    start = sketch_init(0.01, weighted=True).counts.at[1000].set(float(period))
+    alone = [dataclasses.replace(sketch_init(0.01, weighted=True), cumulative=jnp.cumsum(
+        start), recorded=jnp.asarray(period - 2, jnp.int32)) for _ in range(2)]
+    both = dataclasses.replace(sketch_init(0.01, weighted=False, recent=True),
+                               cumulative=jnp.stack([a.cumulative for a in alone]),
+                               recorded=jnp.asarray(period - 2, jnp.int32))
+    assert both.cumulative.dtype == jnp.float32 and both.recent.count is both.count
+    values = [(float(both.mapping.value(1000)), True), (3.0, True), (5.0, False), (0.5, True)]
+    for value, valid in values:
+        value, valid = jnp.float32(value), jnp.bool_(valid)
+        alone = [sketch_add(alone[0], value, valid, None),
+                 sketch_add(alone[1], value, valid, 0.95)]
+        both = sketch_add(both, value, valid, None, 0.95)
+        np.testing.assert_array_equal(both.whole.cumulative, alone[0].cumulative)
+        np.testing.assert_array_equal(both.recent.cumulative, alone[1].cumulative)
+        assert int(both.count) == int(alone[0].count)
+    assert float(both.whole.cumulative[-1]) < 0.6 * period  # halved once, on the schedule
+    assert int(both.count) == period + 1
+    np.testing.assert_array_equal(both.counts, alone[0].counts)
+    assert float(sketch_quantile(both, 0.5)) == float(sketch_quantile(alone[0], 0.5))
+    with pytest.raises(ValueError, match="recent_decay"):
+        sketch_add(both, jnp.float32(1.0), jnp.bool_(True), None)
 
 
-def test_the_percentile_clips_recent_sketch_shares_the_histograms_count():
+def test_the_percentile_clips_recent_sketch_shares_the_histograms_array_and_count():
     tx = gc.percentile_clip()
     state = tx.init({"w": jnp.zeros(2)})
-    assert state.recent.recorded is None
+    assert state.histogram.cumulative.shape == (2, state.histogram.mapping.num_buckets)
+    assert tx.init(None).recent is not None and gc.percentile_clip(window=None).init(
+        None).recent is None
     for norm in (1.0, float("nan"), 2.0):
         _, state = tx.update({"w": jnp.array([norm, 0.0])}, state)
     assert int(state.histogram.recorded) == 2  # the NaN step is not recorded
+    assert int(state.recent.count) == 2
     # Both sketches hold the same two norms (the recent one with decayed weights).
+    assert float(state.histogram.whole.cumulative[-1]) == 2.0
     assert float(state.recent.cumulative[-1]) == pytest.approx(1.0 + (1.0 - 1.0 / 20))
 
 
