@@ -183,6 +183,15 @@ def test_small_trees_are_also_timed_in_a_jitted_loop():
     worst = max(per_call["percentile_vs_norm_clip"], looped["percentile_vs_norm_clip"])
     assert results["percentile_vs_norm"]["ratio"] == worst
     assert "the percentile clip's step over the norm clip's" in bench.format_table(results)
+    # Both trees are tiny models, so the tiny models' figure is the same, with its interval.
+    tiny = results["percentile_vs_norm"]["tiny"]
+    assert tiny["ratio"] == worst and tiny["ci"][0] <= worst <= tiny["ci"][1]
+    assert f"on tiny models (at most 1,000,000 parameters; goal 1.10x): {worst:.3f}" in (
+        bench.format_table(results))
+    # A large tree's ratio does not count among the tiny models'.
+    large = dict(per_call, params=10**8, percentile_vs_norm_clip=worst + 1.0)
+    both = bench.percentile_vs_norm({"trees": [large, per_call, looped]})
+    assert both["ratio"] == worst + 1.0 and both["tiny"]["ratio"] == worst
 
 
 def test_small_trees_are_also_timed_with_the_state_donated():

@@ -344,7 +344,7 @@ def test_percentile_clip_adds_few_kernels_to_a_tiny_models_step():
     norm = _kernels(gc.clip_by_global_norm(1.0), params)
     assert _kernels(gc.percentile_clip(), params) <= norm + 2
     # And inside a jitted loop (41 against 39; 42 with the recent sketch an array of its
-    # own: the step 1.108x -> 1.047x the norm clip's). Every scalar the histograms' update reads
+    # own: the step 1.105x -> 1.047x the norm clip's). Every scalar the histograms' update reads
     # must come out of the computed_once barrier: "record this norm", taken before it,
     # put the norms' combination into that update (44 kernels, the step 1.07x -> 1.11x the
     # norm clip's, measured).

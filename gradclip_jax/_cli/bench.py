@@ -223,6 +223,8 @@ def bench_tree(name: str, params: Any, repeats: int, *, passes: bool = True,
         tree, timing = f"{name}, state donated", "one call per step, state donated"
     elif eager:
         tree, timing = f"{name}, eager (no jit)", "one eager call per step, not jitted"
+    rule = paired_ratio(samples["gradclip_jax.percentile_clip"],
+                        samples["gradclip_jax.clip_by_global_norm"])
     return {
         "tree": tree,
         "timing": timing,
@@ -234,9 +236,8 @@ def bench_tree(name: str, params: Any, repeats: int, *, passes: bool = True,
         "rows": rows,
         "control_vs_optax_clip": control["ratio"],
         "control_vs_optax_clip_ci": control["ci"],
-        "percentile_vs_norm_clip": paired_ratio(
-            samples["gradclip_jax.percentile_clip"],
-            samples["gradclip_jax.clip_by_global_norm"])["ratio"],
+        "percentile_vs_norm_clip": rule["ratio"],
+        "percentile_vs_norm_clip_ci": rule["ci"],
     }
 
 
@@ -371,17 +372,35 @@ def noisiest(results: dict[str, Any]) -> dict[str, Any]:
     return {"tree": worst["tree"], "dtype": worst["dtype"], "spread": round(spread(worst), 3)}
 
 
-def percentile_vs_norm(results: dict[str, Any]) -> dict[str, Any]:
-    """The tree where the percentile clip's step is slowest against the norm clip's.
+TINY_PARAMS = 1_000_000
+"""Trees up to this many parameters are tiny models, where the percentile rule's per-step
+work (its histograms and quantile) shows most: the speed issue's 1.10x goal is set on them."""
 
-    The percentile rule's own cost: its histograms and quantile, over the same clip.
+TINY_GOAL = 1.10
+
+
+def percentile_vs_norm(results: dict[str, Any]) -> dict[str, Any]:
+    """The tree where the percentile clip's step is slowest against the norm clip's, and
+    (``"tiny"``) the same among tiny models (at most ``TINY_PARAMS`` parameters).
+
+    The percentile rule's own cost: its histograms and quantile, over the same clip. On a
+    large tree that cost is a few kernels on 15 KB beside passes over the gradients, so the
+    largest ratio there is the noise of a few rounds; on a tiny model it is the rule's cost.
     """
+    def worst(trees: list[dict[str, Any]]) -> dict[str, Any]:
+        tree = max(trees, key=lambda t: t["percentile_vs_norm_clip"])
+        return {"tree": tree["tree"], "dtype": tree["dtype"],
+                "ratio": tree["percentile_vs_norm_clip"],
+                "ci": tree.get("percentile_vs_norm_clip_ci")}
+
     trees = [t for t in results["trees"] if "percentile_vs_norm_clip" in t]
     if not trees:
         return {}
-    worst = max(trees, key=lambda t: t["percentile_vs_norm_clip"])
-    return {"tree": worst["tree"], "dtype": worst["dtype"],
-            "ratio": worst["percentile_vs_norm_clip"]}
+    found = worst(trees)
+    tiny = [t for t in trees if t["params"] <= TINY_PARAMS]
+    if tiny:
+        found["tiny"] = worst(tiny)
+    return found
 
 
 def steps_per_run(quick: bool, sets: dict[str, shapes.Builder] | None = None) -> int:
@@ -442,7 +461,13 @@ def format_table(results: dict[str, Any]) -> str:
     rule = results.get("percentile_vs_norm")
     if rule:
         lines.append(f"the percentile clip's step over the norm clip's, largest: "
-                     f"{rule['ratio']:.3f} ({rule['tree']}, {rule['dtype']})")
+                     f"{_with_ci(rule['ratio'], rule.get('ci'))} ({rule['tree']}, "
+                     f"{rule['dtype']})")
+        tiny = rule.get("tiny")
+        if tiny:
+            lines.append(f"  on tiny models (at most {TINY_PARAMS:,} parameters; goal "
+                         f"{TINY_GOAL:.2f}x): {_with_ci(tiny['ratio'], tiny.get('ci'))} "
+                         f"({tiny['tree']}, {tiny['dtype']})")
     noise = results.get("noisiest")
     if noise:
         lines.append(f"noise: the same step timed twice differed by up to {noise['spread']:.3f}x "
