@@ -41,6 +41,9 @@ class FixedThreshold(_core.ThresholdRule):
     def threshold(self, state: _core.ClipState) -> jax.Array:
         return at_step(self.value, state.count)
 
+    def features(self) -> tuple[str, ...]:
+        return ("fixed",)  # diagnose: the threshold does not follow the norms
+
 
 def _fixed_threshold_clip(
     arg: str, threshold: ScalarOrSchedule, apply: _core.Apply, *, nonfinite: str,

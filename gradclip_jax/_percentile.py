@@ -74,7 +74,8 @@ class PercentileRule(_core.ThresholdRule):
         return 1.0 - 1.0 / jnp.maximum(self.window, 1)
 
     def features(self) -> tuple[str, ...]:
-        return ("start",) if self.start is not None else ()
+        return tuple(name for name, value in (("start", self.start), ("max_norm", self.max_norm))
+                     if value is not None)
 
     def threshold(self, state: _core.ClipState) -> jax.Array:
         hist = state.histogram

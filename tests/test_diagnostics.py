@@ -226,6 +226,81 @@ def test_windowed_percentile_clip_clips_most_steps_by_design():
     assert "by design" in findings[0].message and "validation loss" in findings[0].message
 
 
+def growing(rng, stable, steps, rate=1.02):
+    """``stable`` log-normal norms around 1, then ``steps`` that grow by ``rate`` a step."""
+    return np.concatenate([np.exp(rng.normal(0.0, 0.3, stable)),
+                           np.exp(rng.normal(0.0, 0.3, steps)) * rate ** np.arange(steps)])
+
+
+@pytest.mark.parametrize("make", [gc.percentile_clip, lambda: gc.percentile_clip(start=None),
+                                  lambda: gc.percentile_clip(90.0, window=None, start=None)],
+                         ids=["default", "no start", "classic"])
+def test_norms_running_away_under_a_percentile_clip_warn_that_its_threshold_follows(make):
+    # A diverging run: the norms grow 2% a step for 400 steps, every step is clipped, and the
+    # threshold follows them up (capped by a multiple of the run's median, which rises too).
+    norms = growing(np.random.default_rng(5), 300, 400)
+    state, _, thresholds, _ = run_norm_stream(make(), norms)
+    assert thresholds[-1] > 2 * thresholds[299]  # it followed them: what the warning is about
+    findings = gc.diagnose(state)
+    assert levels(findings) == ["warning"]
+    message = findings[0].message
+    assert "running away" in message and "max_norm" in message
+    growth = float(message.split(" the run's median")[0].split()[-1].rstrip("x"))
+    if state.recent is None:
+        latest = norms[-1]
+    else:  # the recent sketch weighs a norm k steps old by (1 - 1/20)^k
+        weights = (1 - 1 / 20) ** np.arange(len(norms))[::-1]
+        order = np.argsort(norms)
+        latest = norms[order][np.searchsorted(np.cumsum(weights[order]), weights.sum() / 2)]
+    assert growth == pytest.approx(latest / np.median(norms), rel=0.1)
+    assert "by design" not in message and not any("takes about" in f.message for f in findings)
+    # Halfway, the norms had grown 2.2x: not yet a runaway.
+    state, _, _, _ = run_norm_stream(make(), norms[:340])
+    assert not any("running away" in f.message for f in gc.diagnose(state))
+
+
+def test_a_runaway_under_a_max_norm_names_that_ceiling():
+    norms = growing(np.random.default_rng(5), 300, 400)
+    state, _, thresholds, _ = run_norm_stream(gc.percentile_clip(max_norm=20.0), norms)
+    assert thresholds.max() == 20.0
+    (finding,) = gc.diagnose(state)
+    assert "running away" in finding.message and "Its max_norm is the most" in finding.message
+    assert "give a ceiling" not in finding.message
+    assert state.name.features == ("start", "max_norm")
+
+
+def test_a_new_scale_is_no_runaway_once_the_threshold_has_followed_it():
+    rng = np.random.default_rng(6)
+    norms = np.concatenate([np.exp(rng.normal(0.0, 0.3, 300)),
+                            1000 * np.exp(rng.normal(0.0, 0.3, 1200))])
+    # While it catches up, every step is clipped far below the new norms: the warning says
+    # the scale may have changed for good.
+    state, _, _, _ = run_norm_stream(gc.percentile_clip(), norms[:400])
+    (finding,) = gc.diagnose(state)
+    assert "running away" in finding.message and "changed for good" in finding.message
+    state, _, _, clipped = run_norm_stream(gc.percentile_clip(), norms)
+    assert 0.4 <= clipped[-200:].mean() <= 0.65
+    assert not any("running away" in f.message for f in gc.diagnose(state))
+
+
+def test_the_start_clipping_every_step_is_no_runaway():
+    # The default's start cuts every step while the norms fall fourfold (a transformer's first
+    # 50 steps), and the first step records the first norm.
+    falling = np.r_[np.geomspace(4, 1, 50), np.ones(250)]
+    norms = np.exp(np.random.default_rng(7).normal(0.0, 0.1, 300)) * falling
+    for steps in (40, 300):
+        state, _, _, clipped = run_norm_stream(gc.percentile_clip(), norms[:steps])
+        assert clipped[1:30].all()
+        assert levels(gc.diagnose(state)) == ["info"]
+
+
+def test_a_fixed_clip_under_running_away_norms_is_judged_by_its_clip_rate():
+    # A fixed threshold does not follow the norms: what it does is the learning-rate cap.
+    (finding,) = diagnose_stream(growing(np.random.default_rng(8), 300, 400), max_norm=1.0)
+    assert finding.level == "warning" and "learning-rate cap" in finding.message
+    assert "running away" not in finding.message
+
+
 def test_share_taken_off_is_the_exact_share_within_the_sketch_accuracy():
     norms = np.arange(1.0, 101.0)
     sketch = sketch_init(0.01, weighted=True)
