@@ -8,7 +8,7 @@ import pytest
 
 import gradclip_jax as gc
 from gradclip_jax._diagnostics import _share_taken_off
-from gradclip_jax._sketch import sketch_add, sketch_init
+from gradclip_jax._sketch import sketch_add, sketch_init, sketch_quantile
 from tests.helpers import run_norm_stream
 
 KEYS = {"grad_norm", "threshold", "count", "clipped_steps", "nonfinite_steps", "clip_fraction",
@@ -256,6 +256,34 @@ def test_norms_running_away_under_a_percentile_clip_warn_that_its_threshold_foll
     assert "by design" not in message and not any("takes about" in f.message for f in findings)
     # Halfway, the norms had grown 2.2x: not yet a runaway.
     state, _, _, _ = run_norm_stream(make(), norms[:340])
+    assert not any("running away" in f.message for f in gc.diagnose(state))
+
+
+def unstable_from_the_start(rng, calm=8, rise=15, high=40, level=30.0):
+    """``calm`` norms around 0.3, then a rise over ``rise`` steps to ``level`` times that,
+    held with a wide spread for ``high`` steps: a run unstable from its first steps (a GRU LM
+    with SGD + momentum far above its stable learning rate went from 0.3 to about 10)."""
+    spread = np.exp(rng.normal(0.0, 0.4, calm + rise + high))
+    shape = np.r_[np.ones(calm), np.geomspace(1.0, level, rise), np.full(high, level)]
+    return 0.3 * shape * spread
+
+
+def test_norms_running_away_from_the_first_steps_are_judged_against_the_calm_ones():
+    # The run's median has risen with its norms, so they are not 8x it; they are far above
+    # its first, calmer norms (its 10th percentile).
+    norms = unstable_from_the_start(np.random.default_rng(9))
+    state, _, _, clipped = run_norm_stream(gc.percentile_clip(), norms)
+    assert clipped[-20:].mean() >= 0.9
+    recent_median = float(sketch_quantile(state.recent, 0.5))
+    assert recent_median < 8 * np.median(norms)  # the median check alone would miss it
+    assert recent_median > 12 * np.percentile(norms, 10)
+    (finding,) = gc.diagnose(state)
+    assert finding.level == "warning" and "running away" in finding.message
+    assert "10th percentile" in finding.message and "risen with them" in finding.message
+    # Norms that rise only threefold after a small first norm (the LSTM LM's first steps)
+    # and settle are no runaway.
+    settled = unstable_from_the_start(np.random.default_rng(9), level=3.0, high=200)
+    state, _, _, _ = run_norm_stream(gc.percentile_clip(), settled)
     assert not any("running away" in f.message for f in gc.diagnose(state))
 
 
